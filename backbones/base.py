@@ -1,0 +1,32 @@
+"""The backbone contract shared by every architecture."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch.nn as nn
+
+
+class FeatureInfo(NamedTuple):
+    """One multi-scale output of a backbone.
+
+    Attributes:
+        name: key of the output in ``forward``'s dict.
+        channels: number of channels.
+        stride: per-axis stride with respect to the input, in the tensor's spatial axis order
+            ((H, W) in 2D, (D, H, W) in 3D).
+    """
+
+    name: str
+    channels: int
+    stride: tuple[int, ...]
+
+
+class Backbone(nn.Module):
+    """Base class: ``forward(x)`` returns an ordered ``dict[str, Tensor]`` fine to coarse whose
+    keys, channels and strides are exactly ``self.feature_info``."""
+
+    spatial_dims: int
+    feature_info: list[FeatureInfo]
+
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.feature_info]

@@ -1,0 +1,118 @@
+"""The one file a user edits: data, model, training.
+
+Switch 2D / 3D with ``data.spatial_dims``; sizes that depend on it (patch size, points per patch)
+follow automatically.  Any field can be overridden from the command line, e.g.::
+
+    python train_seg.py --set data.spatial_dims=2 model.backbone=repvgg_a0 train.iterations=500
+
+or a whole other file passed with ``--config my_hparam.py`` (it must define ``get_config()``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    spatial_dims: int = 3                        # 2 or 3: the one 2D/3D switch
+    root: str = "data/demo/mni152"               # dataset folder (relative paths: from this file's folder)
+    images_dir: str = "imagesTr"                 # training images, under root (nnU-Net layout works as-is)
+    labels_dir: str = "labelsTr"                 # training label maps, paired with images BY NAME
+    val_images_dir: str | None = "imagesVal"     # explicit validation folders; None: seeded split
+    val_labels_dir: str | None = "labelsVal"     # validation label maps
+    val_fraction: float = 0.2                    # fraction of cases held out when no validation folders
+    pattern: str = "*"                           # glob of image file names (.nii.gz .nii .nrrd .nhdr .mha .mhd .png)
+    class_names: list[str] = field(default_factory=lambda: ["background", "grey_matter", "white_matter"])
+    label_remap: dict[int, int] | None = None    # explicit opt-in remap of label values, e.g. {255: 1}
+    in_channels: int = 1                         # image channels
+    patch_size_3d: tuple[int, int, int] = (64, 64, 32)   # 3D training patch (X, Y, Z) voxels
+    patch_size_2d: tuple[int, int] = (160, 192)  # 2D training patch (in-plane) pixels
+    slice_axis: int = 2                          # 2D: axis of (X, Y, Z) volumes to slice along (2 = axial)
+    target_spacing: tuple[float, ...] | None = None  # resample to this spacing (mm) first; None = native
+    normalization: str = "zscore"                # 'zscore', 'ct' (window) or 'none'
+    zscore_nonzero: bool = True                  # z-score over non-zero voxels (skull-stripped MRI)
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)   # HU window for normalization='ct'
+    foreground_ratio: float = 0.9                # share of patches centred on a labelled voxel
+    samples_per_volume: int = 8                  # 3D: patches drawn from a volume each time it is loaded
+    queue_length: int = 64                       # 3D: torchio queue length
+    num_workers: int = 0                         # data-loading worker processes
+    augment_flip: bool = True                    # random mirroring
+    augment_affine: bool = True                  # random scaling/rotation
+    augment_elastic: bool = False                # random elastic deformation (slow on CPU)
+    augment_intensity: bool = True               # random gamma / noise / bias field
+
+    @property
+    def patch_size(self) -> tuple[int, ...]:
+        """The training patch for the chosen ``spatial_dims``."""
+        return tuple(self.patch_size_3d if self.spatial_dims == 3 else self.patch_size_2d)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+@dataclass
+class PointRendConfig:
+    enabled: bool = True                         # refine boundaries with the point head
+    train_num_points_2d: int = 1024              # N per 2D patch (~ cells of a stride-16 map of 256²·4)
+    train_num_points_3d: int = 4096              # N per 3D patch (surface grows ~side², see README)
+    oversample_ratio: float = 3.0                # k: candidates = k·N
+    importance_sample_ratio: float = 0.75        # beta: share of N taken by uncertainty
+    subdivision_steps: int | None = None         # None: until the input resolution is reached
+    subdivision_num_points_2d: int = 8192        # points re-rendered per 2D subdivision step
+    subdivision_num_points_3d: int = 32768       # points re-rendered per 3D subdivision step
+    num_fc: int = 3                              # point head hidden layers
+    fc_dim: int = 256                            # point head width
+    coarse_pred_each_layer: bool = True          # re-concatenate coarse logits at every layer
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "convnext_atto"              # any name of backbones.list_backbones()
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # e.g. {"drop_path_rate": 0.1}
+    pretrained: str | None = None                # local path to 2D ImageNet weights (inflated in 3D)
+    head: str = "deeplab"                        # coarse head: 'deeplab' (ASPP) or 'mask' (7^d MLP)
+    head_kwargs: dict[str, Any] = field(default_factory=dict)      # e.g. {"output_stride": 8}
+    pointrend: PointRendConfig = field(default_factory=PointRendConfig)
+
+
+@dataclass
+class TrainConfig:
+    iterations: int = 1500                       # optimisation steps
+    batch_size: int = 2                          # patches per step
+    lr: float = 2e-3                             # peak learning rate (AdamW)
+    weight_decay: float = 0.05                   # AdamW weight decay
+    warmup_iterations: int = 50                  # linear warm-up steps
+    schedule: str = "cosine"                     # 'cosine' or 'poly' decay after warm-up
+    grad_clip: float = 1.0                       # max gradient norm (0 disables)
+    val_every: int = 250                         # validate every N iterations (and at the end)
+    val_overlap: float = 0.25                    # sliding-window overlap during validation
+    seed: int = 0                                # seeds splits, sampling, augmentation, init
+    device: str = "auto"                         # 'auto', 'cpu', 'cuda', 'cuda:1', ...
+    amp: bool = True                             # mixed precision (CUDA only; ignored on CPU)
+    output_dir: str = "runs/demo"                # checkpoints, logs, TensorBoard
+    num_threads: int = 0                         # torch CPU threads; 0 = torch default
+    max_minutes: float = 0.0                     # stop training after this wall-clock time (0 = off)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        """Check every field; raise ``ValueError`` with a clear message."""
+        from seg.config import validate_config
+        validate_config(self)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def get_config() -> Config:
+    """The configuration used by ``train_seg.py`` unless ``--config`` names another file."""
+    return Config()

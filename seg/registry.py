@@ -1,0 +1,53 @@
+"""Name -> builder registries with "did you mean" errors (backbones, heads, losses)."""
+from __future__ import annotations
+
+import difflib
+from typing import Any, Callable, Iterator
+
+
+class Registry:
+    """Maps names used in ``hparam.py`` to builder callables.
+
+    Example:
+        >>> BACKBONES = Registry("backbone")
+        >>> @BACKBONES.register("tiny_net")
+        ... def tiny_net(**kwargs): ...
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._builders: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering ``fn`` under ``name`` (default: the function's name)."""
+        def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+            key = name or fn.__name__
+            if key in self._builders:
+                raise KeyError(f"{self.kind} {key!r} is registered twice")
+            self._builders[key] = fn
+            return fn
+        return deco
+
+    def get(self, name: str) -> Callable[..., Any]:
+        """The builder registered as ``name``; unknown names raise a ValueError with suggestions."""
+        if name not in self._builders:
+            raise ValueError(unknown_name_message(self.kind, name, self._builders))
+        return self._builders[name]
+
+    def names(self) -> list[str]:
+        """Registered names, sorted."""
+        return sorted(self._builders)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._builders
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+def unknown_name_message(kind: str, name: str, known: Any) -> str:
+    """One-line error for an unknown option name, with close matches first."""
+    known = sorted(known)
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"unknown {kind} {name!r}.{hint} Available: {', '.join(known)}"
