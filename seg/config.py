@@ -1,0 +1,129 @@
+"""Loading, overriding and validating the ``hparam.py`` configuration."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import typing
+from pathlib import Path
+from typing import Any, Sequence
+
+from seg.errors import ConfigError
+from seg.registry import unknown_name_message
+
+
+def load_config(path: str | None = None) -> Any:
+    """Return ``get_config()`` of ``path`` (default: the repository's ``hparam.py``)."""
+    path = Path(path) if path else Path(__file__).resolve().parent.parent / "hparam.py"
+    if not path.is_file():
+        raise ConfigError("config file not found", path)
+    spec = importlib.util.spec_from_file_location(f"_hparam_{abs(hash(str(path)))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # a user's file: report, don't crash with a traceback
+        raise ConfigError(f"cannot execute config: {type(exc).__name__}: {exc}", path) from exc
+    if not hasattr(module, "get_config"):
+        raise ConfigError("config file must define get_config()", path)
+    cfg = module.get_config()
+    cfg._source = str(path)  # relative data paths resolve against the config file's folder
+    return cfg
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a literal parsed from the command line to the field's declared type."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, vars(typing) | {"Any": Any})  # postponed annotations
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if value is None:
+        return None
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except (TypeError, ValueError):
+                continue
+        raise ValueError(f"{key}: cannot use {value!r} as {annotation}")
+    if origin is tuple:
+        return tuple(_coerce(v, args[0] if args else Any, key) for v in value)
+    if origin is list:
+        return [_coerce(v, args[0] if args else Any, key) for v in value]
+    if annotation is bool and not isinstance(value, bool):
+        raise ValueError(f"{key}: expected True or False, got {value!r}")
+    if annotation in (int, float, str) and not isinstance(value, annotation):
+        if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _parse_literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # bare words are strings: model.backbone=repvgg_a0
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
+    """Apply ``section.field=value`` overrides (values are Python literals or bare strings)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        obj, parts = cfg, key.strip().split(".")
+        for i, part in enumerate(parts):
+            fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
+            if part not in fields:
+                where = ".".join(parts[:i]) or "config"
+                raise ConfigError(unknown_name_message(f"field of {where}", part, fields))
+            if i == len(parts) - 1:
+                hints = typing.get_type_hints(type(obj))
+                try:
+                    setattr(obj, part, _coerce(_parse_literal(text), hints[part], key))
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from exc
+            else:
+                obj = getattr(obj, part)
+    return cfg
+
+
+def validate_config(cfg: Any) -> None:
+    """Check the whole configuration; raise ConfigError with a clear message."""
+    import backbones
+    import heads
+
+    d, m, t = cfg.data, cfg.model, cfg.train
+    checks = [
+        (d.spatial_dims in (2, 3), f"data.spatial_dims must be 2 or 3, got {d.spatial_dims!r}"),
+        (len(d.class_names) >= 2, "data.class_names needs at least 2 names (background first)"),
+        (len(set(d.class_names)) == len(d.class_names), "data.class_names has duplicates"),
+        (len(d.patch_size_3d) == 3 and all(p > 0 for p in d.patch_size_3d),
+         f"data.patch_size_3d must be 3 positive sizes, got {d.patch_size_3d}"),
+        (len(d.patch_size_2d) == 2 and all(p > 0 for p in d.patch_size_2d),
+         f"data.patch_size_2d must be 2 positive sizes, got {d.patch_size_2d}"),
+        (d.slice_axis in (0, 1, 2), f"data.slice_axis must be 0, 1 or 2, got {d.slice_axis}"),
+        (0.0 <= d.foreground_ratio <= 1.0, "data.foreground_ratio must be in [0, 1]"),
+        (0.0 < d.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
+        (d.normalization in ("zscore", "ct", "none"), "data.normalization must be zscore, ct or none"),
+        (d.target_spacing is None or len(d.target_spacing) == 3,
+         "data.target_spacing must be None or 3 spacings (mm)"),
+        (d.in_channels >= 1, "data.in_channels must be >= 1"),
+        (t.iterations > 0 and t.batch_size > 0, "train.iterations and train.batch_size must be > 0"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (t.schedule in ("cosine", "poly"), f"train.schedule must be cosine or poly, got {t.schedule!r}"),
+        (0.0 <= t.val_overlap < 1.0, "train.val_overlap must be in [0, 1)"),
+        (t.val_every > 0, "train.val_every must be > 0"),
+        (0 < m.pointrend.oversample_ratio and 0 <= m.pointrend.importance_sample_ratio <= 1,
+         "model.pointrend: oversample_ratio must be > 0 and importance_sample_ratio in [0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if m.backbone not in backbones.BACKBONES:
+        raise ConfigError(unknown_name_message("backbone (model.backbone)", m.backbone,
+                                               backbones.list_backbones()))
+    if m.head not in heads.HEADS:
+        raise ConfigError(unknown_name_message("head (model.head)", m.head, heads.HEADS.names()))
+    if m.pretrained and not Path(m.pretrained).is_file():
+        raise ConfigError("pretrained weights file not found", m.pretrained)

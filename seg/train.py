@@ -1,0 +1,338 @@
+"""The training loop behind ``train_seg.py``.
+
+Determinism and resume: the run is cut into segments of ``train.val_every`` iterations.  At the start
+of every segment all random generators are re-seeded from (seed, iteration) and a fresh data loader is
+built, and a checkpoint is written at the end of every segment.  A run resumed from such a checkpoint
+therefore replays exactly the iterations an uninterrupted run would have made.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from seg.checkpoint import atomic_torch_save, load_checkpoint, model_config_from, preprocessing_from
+from seg.errors import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- set-up helpers
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name!r} but CUDA is not available")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch generators."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def segment_seed(seed: int, iteration: int) -> int:
+    """Seed of the data/augmentation stream starting at ``iteration``."""
+    return (seed * 1_000_003 + iteration * 7919) % 2**31
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def lr_lambda(cfg_train: Any) -> Any:
+    """Linear warm-up then cosine or poly(0.9) decay to zero, as a LambdaLR factor."""
+    total, warm = cfg_train.iterations, cfg_train.warmup_iterations
+
+    def factor(it: int) -> float:
+        if it < warm:
+            return (it + 1) / max(1, warm)
+        progress = min(1.0, (it - warm) / max(1, total - warm))
+        if cfg_train.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return (1.0 - progress) ** 0.9
+    return factor
+
+
+def resolve_data_path(cfg: Any, *parts: str | None) -> Path | None:
+    """Join data folders; relative roots resolve against the config file's folder."""
+    if any(p is None for p in parts):
+        return None
+    root = Path(cfg.data.root)
+    if not root.is_absolute():
+        base = Path(getattr(cfg, "_source", Path(__file__).resolve().parent.parent / "hparam.py")).parent
+        root = base / root
+    return root.joinpath(*parts[1:]) if parts[0] == "root" else root.joinpath(*parts)
+
+
+class CsvLog:
+    """Append rows to a CSV file, writing the header once."""
+
+    def __init__(self, path: Path, fields: list[str]) -> None:
+        self.path, self.fields = path, fields
+        if not path.exists():
+            with open(path, "w", newline="") as f:
+                csv.writer(f).writerow(fields)
+
+    def write(self, row: dict[str, Any]) -> None:
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow([row.get(k, "") for k in self.fields])
+
+
+# ----------------------------------------------------------------------------- data
+@dataclasses.dataclass
+class DataBundle:
+    train_cases: list
+    val_cases: list
+    val_data: list
+
+
+def prepare_data(cfg: Any) -> DataBundle:
+    """Find, pair, check and split cases; preload validation volumes."""
+    import datasets as ds
+
+    d = cfg.data
+    cases = ds.find_cases(resolve_data_path(cfg, d.images_dir), resolve_data_path(cfg, d.labels_dir),
+                          pattern=d.pattern)
+    val_img = resolve_data_path(cfg, d.val_images_dir)
+    if val_img is not None and val_img.exists():
+        train_cases = cases
+        val_cases = ds.find_cases(val_img, resolve_data_path(cfg, d.val_labels_dir), pattern=d.pattern)
+    else:
+        train_cases, val_cases = ds.split_cases(cases, d.val_fraction, cfg.train.seed)
+    for case in list(train_cases) + list(val_cases):
+        ds.check_case(case, d.num_classes, label_remap=d.label_remap)
+    val_data = [ds.load_case_arrays(c, d) for c in val_cases]
+    log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
+    return DataBundle(train_cases, val_cases, val_data)
+
+
+def batches(cfg: Any, cases: list, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    import datasets as ds
+    return iter(ds.build_train_loader(cases, cfg.data, cfg.train.batch_size, seed))
+
+
+# ----------------------------------------------------------------------------- validation
+@torch.no_grad()
+def predict_case_logits(model: torch.nn.Module, image: np.ndarray, cfg: Any, device: torch.device
+                        ) -> torch.Tensor:
+    """Whole-volume sliding-window logits (K, *S) for a preprocessed (C, *S) image."""
+    from seg.inference import predict_volume_2d, sliding_window_inference
+
+    d = cfg.data
+    x = torch.from_numpy(np.ascontiguousarray(image)).float()
+    kwargs = dict(overlap=cfg.train.val_overlap, batch_size=max(1, cfg.train.batch_size), device=device)
+    if d.spatial_dims == 3:
+        return sliding_window_inference(x[None], model, d.patch_size, **kwargs)[0]
+    return predict_volume_2d(x, model, d.slice_axis, d.patch_size, **kwargs)
+
+
+def validate(model: torch.nn.Module, data: DataBundle, cfg: Any, device: torch.device
+             ) -> dict[str, float]:
+    """Dice and Boundary IoU per foreground class on the validation volumes, and their means."""
+    from seg.metrics import MetricAccumulator, evaluate_case
+
+    model.eval()
+    acc = MetricAccumulator()
+    labels = list(range(1, cfg.data.num_classes))
+    for case in tqdm(data.val_data, desc="validate", leave=False, dynamic_ncols=True):
+        logits = predict_case_logits(model, case.image, cfg, device)
+        pred = logits.argmax(0).numpy().astype(np.int64)
+        acc.add(case.name, evaluate_case(pred, case.label, case.spacing, labels,
+                                         metrics=("dice", "boundary_iou")))
+    model.train()
+    summary = acc.summary()
+    out: dict[str, float] = {}
+    for lab in labels:
+        name = cfg.data.class_names[lab]
+        for metric in ("dice", "boundary_iou"):
+            out[f"{metric}/{name}"] = float(summary[lab][metric]["mean"])
+    for metric in ("dice", "boundary_iou"):
+        vals = [out[f"{metric}/{cfg.data.class_names[l]}"] for l in labels]
+        out[f"{metric}/mean"] = float(np.nanmean(vals)) if vals else float("nan")
+    return out
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: int, best: float
+                     ) -> dict[str, Any]:
+    d = cfg.data
+    return {
+        "format_version": 1,
+        "model": model.state_dict(),
+        "model_config": model_config_from(cfg),
+        "spatial_dims": d.spatial_dims,
+        "patch_size": tuple(d.patch_size),
+        "slice_axis": d.slice_axis if d.spatial_dims == 2 else None,
+        "preprocessing": preprocessing_from(cfg).to_dict(),
+        "class_names": list(d.class_names),
+        "in_channels": d.in_channels,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "iteration": iteration,
+        "rng": rng_state(),
+        "best": best,
+        "config": cfg.to_dict(),
+    }
+
+
+# ----------------------------------------------------------------------------- main loop
+@dataclasses.dataclass
+class TrainResult:
+    output_dir: Path
+    iterations: int
+    best_dice: float
+    last_metrics: dict[str, float]
+
+
+def build_training(cfg: Any, device: torch.device):
+    """Model, optimiser, scheduler and grad scaler for ``cfg``."""
+    from seg.model import build_model
+
+    model = build_model(**model_config_from(cfg))
+    if cfg.model.pretrained:
+        from backbones.pretrained import load_pretrained
+        load_pretrained(model.backbone, cfg.model.pretrained)
+    model.to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp(cfg, device))
+    return model, optimizer, scheduler, scaler
+
+
+def use_amp(cfg: Any, device: torch.device) -> bool:
+    return bool(cfg.train.amp) and device.type == "cuda"
+
+
+def train_step(model, batch, optimizer, scheduler, scaler, cfg, device) -> dict[str, float]:
+    """One optimisation step; returns the loss terms as floats."""
+    images = batch["image"].to(device, non_blocking=True).float()
+    labels = batch["label"].to(device, non_blocking=True).long()
+    with torch.autocast(device.type, enabled=use_amp(cfg, device)):
+        out = model.forward_train(images, labels)
+        losses = model.loss(out, labels)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["total"]).backward()
+    if cfg.train.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    scheduler.step()
+    values = {k: float(v.detach()) for k, v in losses.items()}
+    if not math.isfinite(values["total"]):
+        raise RuntimeError(f"training loss became {values['total']} at this step: {values}")
+    return values
+
+
+def train(cfg: Any, resume: str | None = None, progress: bool = True) -> TrainResult:
+    """Train ``cfg`` (an hparam ``Config``); optionally resume from a checkpoint path."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg.validate()
+    t = cfg.train
+    if t.num_threads > 0:
+        torch.set_num_threads(t.num_threads)
+    device = resolve_device(t.device)
+    seed_everything(t.seed)
+    data = prepare_data(cfg)
+    out_dir = Path(t.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model, optimizer, scheduler, scaler = build_training(cfg, device)
+    start, best = 0, -1.0
+    if resume:
+        start, best = restore(resume, model, optimizer, scheduler, scaler)
+        log.info("resumed from %s at iteration %d", resume, start)
+    writer = SummaryWriter(str(out_dir / "tensorboard"))
+    train_csv = CsvLog(out_dir / "train_log.csv", ["iteration", "total", "coarse_ce", "coarse_dice",
+                                                   "point", "lr", "seconds"])
+    val_fields = ["iteration"] + [f"{m}/{n}" for m in ("dice", "boundary_iou")
+                                  for n in cfg.data.class_names[1:] + ["mean"]]
+    val_csv = CsvLog(out_dir / "val_log.csv", val_fields)
+    metrics: dict[str, float] = {}
+    t0 = time.time()
+    bar = tqdm(total=t.iterations, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+    it, stream = start, None
+    model.train()
+    while it < t.iterations:
+        if stream is None or it % t.val_every == 0:
+            seed_everything(segment_seed(t.seed, it))
+            stream = batches(cfg, data.train_cases, segment_seed(t.seed, it))
+        values = train_step(model, next(stream), optimizer, scheduler, scaler, cfg, device)
+        it += 1
+        values.update(iteration=it, lr=scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 2))
+        train_csv.write(values)
+        for k in ("total", "coarse_ce", "coarse_dice", "point"):
+            if k in values:
+                writer.add_scalar(f"loss/{k}", values[k], it)
+        bar.update(1)
+        bar.set_postfix(loss=f"{values['total']:.3f}", dice=f"{metrics.get('dice/mean', float('nan')):.3f}")
+        out_of_time = t.max_minutes > 0 and (time.time() - t0) / 60 >= t.max_minutes
+        if it % t.val_every == 0 or it == t.iterations or out_of_time:
+            metrics = validate(model, data, cfg, device)
+            val_csv.write({"iteration": it, **metrics})
+            for k, v in metrics.items():
+                writer.add_scalar(f"val/{k}", v, it)
+            state = checkpoint_state(cfg, model, optimizer, scheduler, scaler, it, best)
+            if metrics["dice/mean"] > best:
+                best = metrics["dice/mean"]
+                state["best"] = best
+                atomic_torch_save(state, out_dir / "best.pt")
+            atomic_torch_save(state, out_dir / "last.pt")
+            log_metrics(it, metrics, cfg.data.class_names)
+        if out_of_time:
+            log.info("stopping after %.1f minutes (train.max_minutes)", t.max_minutes)
+            break
+    bar.close()
+    writer.close()
+    return TrainResult(out_dir, it, best, metrics)
+
+
+def restore(path: str, model, optimizer, scheduler, scaler) -> tuple[int, float]:
+    """Load model, optimiser, scheduler, scaler and RNG states; return (iteration, best)."""
+    ckpt = load_checkpoint(path)
+    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
+                      ("scaler", scaler)):
+        if name not in ckpt:
+            raise UserError(f"cannot resume: checkpoint has no {name} state", path)
+        try:
+            obj.load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"cannot resume: {name} state does not fit this configuration ({exc})",
+                            path) from exc
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    return int(ckpt["iteration"]), float(ckpt.get("best", -1.0))
+
+
+def log_metrics(it: int, metrics: dict[str, float], class_names: list[str]) -> None:
+    rows = [f"{n}: Dice {metrics[f'dice/{n}']:.4f}  Boundary IoU {metrics[f'boundary_iou/{n}']:.4f}"
+            for n in class_names[1:]]
+    rows.append(f"mean: Dice {metrics['dice/mean']:.4f}  Boundary IoU {metrics['boundary_iou/mean']:.4f}")
+    tqdm.write(f"[validation @ {it}] " + " | ".join(rows))

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Train a segmentation model: ``python train_seg.py [--config FILE] [--set key=value ...]``.
+
+With no arguments it trains the default model of ``hparam.py`` on the embedded demo data.
+Examples::
+
+    python train_seg.py --set data.spatial_dims=2
+    python train_seg.py --set model.backbone=repvgg_a0 model.head=mask train.iterations=500
+    python train_seg.py --resume runs/demo/last.pt
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="a config file defining get_config() (default: hparam.py)")
+    ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="override config fields, e.g. data.spatial_dims=2 train.iterations=100")
+    ap.add_argument("--resume", "--c", dest="resume", metavar="CHECKPOINT",
+                    help="continue a run from its last.pt (model, optimiser, schedule, RNG)")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from seg.config import apply_overrides, load_config
+    from seg.errors import UserError
+    from seg.train import train
+
+    try:
+        cfg = apply_overrides(load_config(args.config), args.set)
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (UserError, ValueError) as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"done: {result.iterations} iterations, best mean validation Dice {result.best_dice:.4f}; "
+          f"checkpoints in {result.output_dir}/ (best.pt, last.pt)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
