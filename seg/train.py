@@ -211,11 +211,15 @@ class TrainResult:
     last_metrics: dict[str, float]
 
 
-def build_training(cfg: Any, device: torch.device):
-    """Model, optimiser, scheduler and grad scaler for ``cfg``."""
+def build_training(cfg: Any, device: torch.device, model_factory: Any = None):
+    """Model, optimiser, scheduler and grad scaler for ``cfg``.
+
+    ``model_factory(cfg)`` replaces the registry-built model (benchmarks compare other networks
+    through the very same loop); it must offer ``forward_train``, ``loss`` and ``forward``.
+    """
     from seg.model import build_model
 
-    model = build_model(**model_config_from(cfg))
+    model = model_factory(cfg) if model_factory else build_model(**model_config_from(cfg))
     if cfg.model.pretrained:
         from backbones.pretrained import load_pretrained
         load_pretrained(model.backbone, cfg.model.pretrained)
@@ -251,8 +255,17 @@ def train_step(model, batch, optimizer, scheduler, scaler, cfg, device) -> dict[
     return values
 
 
-def train(cfg: Any, resume: str | None = None, progress: bool = True) -> TrainResult:
-    """Train ``cfg`` (an hparam ``Config``); optionally resume from a checkpoint path."""
+def train(cfg: Any, resume: str | None = None, progress: bool = True, model_factory: Any = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train ``cfg`` (an hparam ``Config``).
+
+    Args:
+        cfg: the configuration (``hparam.Config``).
+        resume: path of a checkpoint to continue from.
+        progress: show a tqdm bar.
+        model_factory: optional ``f(cfg) -> model`` replacing the registry-built model.
+        stop_after: stop after this iteration as if interrupted (tests of resume).
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     cfg.validate()
@@ -264,7 +277,7 @@ def train(cfg: Any, resume: str | None = None, progress: bool = True) -> TrainRe
     data = prepare_data(cfg)
     out_dir = Path(t.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, optimizer, scheduler, scaler = build_training(cfg, device)
+    model, optimizer, scheduler, scaler = build_training(cfg, device, model_factory)
     start, best = 0, -1.0
     if resume:
         start, best = restore(resume, model, optimizer, scheduler, scaler)
@@ -308,6 +321,8 @@ def train(cfg: Any, resume: str | None = None, progress: bool = True) -> TrainRe
             log_metrics(it, metrics, cfg.data.class_names)
         if out_of_time:
             log.info("stopping after %.1f minutes (train.max_minutes)", t.max_minutes)
+            break
+        if stop_after is not None and it >= stop_after:
             break
     bar.close()
     writer.close()

@@ -1,0 +1,165 @@
+"""The application end to end: config overrides, training in 2D and 3D, exact resume, bad input."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from hparam import Config
+from seg.config import apply_overrides
+from seg.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_case(folder: Path, name: str, rng: np.random.Generator, ext: str = ".nii.gz",
+               shape=(34, 38, 36), spacing=(1.2, 1.0, 1.5)) -> None:
+    """A synthetic 3-class case: a sphere (class 2) inside a larger sphere (class 1)."""
+    z, y, x = np.meshgrid(*[np.arange(s) for s in shape], indexing="ij")
+    c = [s / 2 + rng.uniform(-3, 3) for s in shape]
+    r = np.sqrt((z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2)
+    label = np.where(r < 8, 2, np.where(r < 14, 1, 0)).astype(np.uint8)
+    image = (label * 40.0 + rng.normal(0, 8, shape) + 10).astype(np.float32)
+    for arr, sub in ((image, "images"), (label, "labels")):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(spacing)
+        img.SetOrigin((-10.0, 5.0, 2.5))
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+        sitk.WriteImage(img, str(folder / sub / f"{name}{ext}"))
+
+
+@pytest.fixture
+def dataset(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for i, ext in enumerate([".nii.gz", ".nrrd", ".nii.gz", ".mha"]):
+        write_case(tmp_path / "ds", f"case{i}", rng, ext)
+    return tmp_path / "ds"
+
+
+def tiny_config(root: Path, out: Path, dims: int, iterations: int = 3) -> Config:
+    cfg = Config()
+    return apply_overrides(cfg, [
+        f"data.root='{root}'", "data.images_dir=images", "data.labels_dir=labels",
+        "data.val_images_dir=None", "data.val_labels_dir=None", "data.val_fraction=0.25",
+        f"data.spatial_dims={dims}", "data.patch_size_3d=(32,32,32)", "data.patch_size_2d=(32,32)",
+        "data.class_names=['bg','outer','inner']", "data.samples_per_volume=2", "data.queue_length=4",
+        "data.zscore_nonzero=False", "data.augment_affine=False",
+        "model.pointrend.train_num_points_3d=256", "model.pointrend.train_num_points_2d=128",
+        "model.pointrend.subdivision_num_points_3d=2048", "model.pointrend.subdivision_num_points_2d=512",
+        "model.pointrend.fc_dim=32",
+        f"train.iterations={iterations}", "train.val_every=2", "train.batch_size=2",
+        "train.warmup_iterations=1", f"train.output_dir='{out}'", "train.lr=1e-3",
+    ])
+
+
+def test_overrides_parse_types_and_suggest() -> None:
+    cfg = apply_overrides(Config(), ["data.spatial_dims=2", "model.backbone=repvgg_a0",
+                                     "train.lr=1", "data.patch_size_2d=(64, 48)"])
+    assert cfg.data.spatial_dims == 2 and cfg.model.backbone == "repvgg_a0"
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.data.patch_size == (64, 48)
+    with pytest.raises(ConfigError, match="did you mean 'iterations'"):
+        apply_overrides(Config(), ["train.iteration=5"])
+    with pytest.raises(ConfigError, match="expected int"):
+        apply_overrides(Config(), ["train.iterations=many"])
+    with pytest.raises(ConfigError, match="unknown backbone"):
+        apply_overrides(Config(), ["model.backbone=convnext_tiniest"]).validate()
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_train_end_to_end_and_checkpoint(dataset: Path, tmp_path: Path, dims: int) -> None:
+    from seg.checkpoint import load_for_inference
+    from seg.train import train
+
+    res = train(tiny_config(dataset, tmp_path / "run", dims), progress=False)
+    assert res.iterations == 3
+    assert {"best.pt", "last.pt", "train_log.csv", "val_log.csv"} <= {p.name for p in res.output_dir.iterdir()}
+    assert 0.0 <= res.last_metrics["dice/mean"] <= 1.0
+    assert not list(res.output_dir.glob(".*.tmp"))
+    bundle = load_for_inference(res.output_dir / "last.pt")
+    assert bundle.spatial_dims == dims and bundle.class_names == ["bg", "outer", "inner"]
+    x = torch.randn(1, 1, *([32] * dims))
+    assert bundle.model(x).shape == (1, 3, *([32] * dims))
+
+
+def test_resume_matches_uninterrupted_run(dataset: Path, tmp_path: Path) -> None:
+    from seg.train import train
+
+    full = train(tiny_config(dataset, tmp_path / "full", 3, iterations=4), progress=False)
+    train(tiny_config(dataset, tmp_path / "part", 3, iterations=4), progress=False, stop_after=2)
+    resumed = train(tiny_config(dataset, tmp_path / "part", 3, iterations=4), progress=False,
+                    resume=str(tmp_path / "part" / "last.pt"))
+    assert resumed.iterations == full.iterations == 4
+    a = torch.load(full.output_dir / "last.pt", weights_only=False)["model"]
+    b = torch.load(resumed.output_dir / "last.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train_seg.py"), "--no-progress", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+
+@pytest.mark.parametrize("problem", ["empty", "no_label", "corrupt", "geometry", "range", "255", "nan",
+                                     "dims"])
+def test_bad_input_one_line_error(tmp_path: Path, problem: str) -> None:
+    rng = np.random.default_rng(1)
+    ds = tmp_path / "ds"
+    (ds / "images").mkdir(parents=True)
+    (ds / "labels").mkdir(parents=True)
+    if problem != "empty":
+        write_case(ds, "good", rng)
+        write_case(ds, "bad", rng)
+    bad_img, bad_lab = ds / "images" / "bad.nii.gz", ds / "labels" / "bad.nii.gz"
+    culprit = bad_lab
+    if problem == "empty":
+        culprit = ds / "images"
+    elif problem == "no_label":
+        bad_lab.unlink()
+        culprit = bad_img
+    elif problem == "corrupt":
+        bad_img.write_bytes(bad_img.read_bytes()[:200])
+        culprit = bad_img
+    else:
+        lab = sitk.ReadImage(str(bad_lab))
+        arr = sitk.GetArrayFromImage(lab)
+        if problem == "geometry":
+            lab.SetSpacing((2.0, 2.0, 2.0))
+        elif problem in ("range", "255"):
+            arr = arr.copy()
+            arr[arr == 2] = 7 if problem == "range" else 255
+            arr[arr == 1] = 0 if problem == "range" else 255
+            new = sitk.GetImageFromArray(arr)
+            new.CopyInformation(lab)
+            lab = new
+        elif problem == "nan":
+            img = sitk.ReadImage(str(bad_img))
+            a = sitk.GetArrayFromImage(img)
+            a[3, 3, 3] = np.nan
+            new = sitk.GetImageFromArray(a)
+            new.CopyInformation(img)
+            sitk.WriteImage(new, str(bad_img))
+            culprit = bad_img
+        elif problem == "dims":
+            lab = sitk.GetImageFromArray(arr[5])
+            culprit = bad_lab
+        sitk.WriteImage(lab, str(bad_lab))
+    out = tmp_path / "run"
+    proc = run_cli("--set", f"data.root='{ds}'", "data.images_dir=images", "data.labels_dir=labels",
+                   "data.val_images_dir=None", "data.val_labels_dir=None", "train.iterations=1",
+                   f"train.output_dir='{out}'")
+    assert proc.returncode == 2, proc.stderr
+    lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert culprit.name in lines[0], lines[0]
+    if problem == "255":
+        assert "255" in lines[0] and "label_remap" in lines[0]
+    assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
