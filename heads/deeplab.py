@@ -20,10 +20,12 @@ from . import HEADS, FeatureInfo, nearest_level
 
 def conv_norm_act(spatial_dims: int, cin: int, cout: int, kernel_size: int = 3,
                   dilation: Sequence[int] | int = 1, norm: str = "group") -> nn.Sequential:
-    """conv (no bias) -> norm -> ReLU."""
+    """conv (no bias) -> norm -> ReLU.  Group norm uses groups of >= 8 channels (32 groups at
+    256), so it stays defined on the 1-cell maps that small 3D patches give at stride 32."""
     return nn.Sequential(
         ops.conv(spatial_dims, cin, cout, kernel_size, dilation=dilation, bias=False),
-        ops.norm(norm, spatial_dims, cout), nn.ReLU(inplace=True))
+        ops.norm(norm, spatial_dims, cout, num_groups=max(1, min(32, cout // 8))),
+        nn.ReLU(inplace=True))
 
 
 def default_atrous_rates(stride: Sequence[int]) -> list[tuple[int, ...]]:
@@ -40,7 +42,7 @@ class ASPP(nn.Module):
         in_channels, out_channels: widths.
         rates: three per-axis dilation tuples.
         norm: normalisation name (group norm by default: batch statistics are poor with the small
-            3D batches of medical training, and the pooled branch has one cell per sample).
+            3D batches of medical training).
         dropout: dropout after the projection.
     """
 
@@ -50,9 +52,10 @@ class ASPP(nn.Module):
         self.branches = nn.ModuleList(
             [conv_norm_act(spatial_dims, in_channels, out_channels, 1, norm=norm)]
             + [conv_norm_act(spatial_dims, in_channels, out_channels, 3, r, norm) for r in rates])
+        # image pooling: conv with bias, no norm (one cell per sample: nothing to normalise over)
         self.pool = nn.Sequential(ops.adaptive_avg_pool(spatial_dims, 1),
-                                  conv_norm_act(spatial_dims, in_channels, out_channels, 1,
-                                                norm=norm))
+                                  ops.conv(spatial_dims, in_channels, out_channels, 1),
+                                  nn.ReLU(inplace=True))
         self.project = nn.Sequential(
             conv_norm_act(spatial_dims, out_channels * (len(rates) + 2), out_channels, 1,
                           norm=norm),

@@ -5,9 +5,12 @@ centres (RoIAlign with sampling_ratio 1), reduced by a kernel-2 stride-2 conv to
 ``(pooler_resolution/2)``^d, flattened, passed through ``num_fc`` FC layers and predicted as
 K x 7^d coarse logits.
 
-The region is the whole input.  Per-object boxes (connected components at training time,
-box-normalised point coordinates) are **not implemented** here: the model treats the K x 7^d
-logits as covering the whole input, which is what PointRend's semantic subdivision needs.
+The region is the whole input by default, which is what the segmentation model uses (its
+subdivision treats the K x 7^d logits as covering the input).  ``forward(features, boxes,
+batch_index)`` also runs per box (boxes from ``seg.pointrend.boxes_from_labels``: connected
+components of the labels with jitter at training time, of a first coarse pass at inference; points
+are box-normalised and mapped to input coordinates).  This per-object path is a tested extension:
+``SegmentationModel`` does not route boxes yet (per-box losses and pasting are not written).
 
 3D width: 256 * 7^3 = 87808 FC inputs would give a 90M-parameter first FC layer, so
 ``conv_dim=None`` keeps the 2D reference FC input width 256 * 7^2 = 12544: conv_dim =
@@ -22,7 +25,8 @@ import torch
 import torch.nn as nn
 
 from seg import ops
-from seg.pointrend import generate_regular_grid_point_coords, point_sample
+from seg.pointrend import (generate_regular_grid_point_coords, point_sample_fine_grained_features,
+                           whole_input_boxes)
 
 from . import HEADS, FeatureInfo, nearest_level
 
@@ -69,14 +73,28 @@ class CoarseMaskHead(nn.Module):
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
 
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Coarse logits (N, K, 7, 7[, 7]) covering the whole input."""
+    def forward(self, features: dict[str, torch.Tensor], boxes: torch.Tensor | None = None,
+                batch_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Coarse logits per region.
+
+        Args:
+            features: backbone output.
+            boxes: (R, 2d) normalised x-first boxes (see ``seg.pointrend``); None = one region per
+                image covering the whole input.
+            batch_index: (R,) image of each box (required with ``boxes``).
+
+        Returns:
+            (R, K, 7, 7[, 7]) logits in box coordinates; R = N without boxes.
+        """
         feat = features[self.in_feature]
-        n = feat.shape[0]
-        coords = generate_regular_grid_point_coords(n, self.pooler_size, device=feat.device,
+        if boxes is None:
+            boxes, batch_index = whole_input_boxes(feat.shape[0], self.spatial_dims, feat.device)
+        r = boxes.shape[0]
+        coords = generate_regular_grid_point_coords(r, self.pooler_size, device=feat.device,
                                                     dtype=feat.dtype)
-        x = point_sample(feat, coords).view(n, feat.shape[1], *self.pooler_size)
-        x = torch.relu(self.reduce(x)).flatten(1)  # (N, conv_dim * 7^d)
+        x = point_sample_fine_grained_features([feat], boxes, batch_index, coords)
+        x = x.view(r, feat.shape[1], *self.pooler_size)  # (R, C, 14, 14[, 14])
+        x = torch.relu(self.reduce(x)).flatten(1)  # (R, conv_dim * 7^d)
         for fc in self.fcs:
             x = torch.relu(fc(x))
-        return self.predictor(x).view(n, self.num_classes, *self.output_size)
+        return self.predictor(x).view(r, self.num_classes, *self.output_size)

@@ -6,7 +6,8 @@ same code.  The design, and where it follows or departs from MONAI and nnU-Net:
 * **Window positions** are pre-computed per axis and spread evenly between the first and the last
   possible start (nnU-Net): ``n = ceil((S - P) / step) + 1`` windows with ``step = int(P * (1 -
   overlap))`` (MONAI's interval, so both use the same number of windows), starts ``round(i * (S - P) /
-  (n - 1))`` mirrored about the centre, so the grid is symmetric under flipping.  MONAI instead
+  (n - 1))`` mirrored about the centre, so the grid is symmetric under flipping (exactly, except a
+  middle window when ``n`` and ``S - P`` are both odd: it cannot be centred, it sits half a voxel off).  MONAI instead
   steps by ``step`` and pushes the last window back to the border; where ``S - P`` is a multiple of
   ``step`` the two grids are identical (the tests compare against MONAI there).
 * **Blending weights**: ``gaussian`` is MONAI's ``compute_importance_map`` (``exp(-x^2 / 2 sigma^2)``
@@ -210,8 +211,9 @@ def sliding_window_inference(
         for b0 in _progress(range(0, len(jobs), batch_size), progress, len(jobs), batch_size):
             batch = jobs[b0:b0 + batch_size]
             win = torch.stack([x[(n, slice(None)) + sl] for n, sl in batch]).to(device, non_blocking=True)
-            pred = _predict_window_batch(win, predictor, flips, activation).mul_(w_dev)
-            pred = pred.to(output_device, torch.float32)
+            with torch.inference_mode():  # the result only feeds the (no-grad) accumulator below
+                pred = _predict_window_batch(win, predictor, flips, activation).mul_(w_dev)
+                pred = pred.to(output_device, torch.float32)
             if out is None:
                 out = torch.zeros((x.shape[0], pred.shape[1], *x.shape[2:]), dtype=torch.float32,
                                   device=output_device)

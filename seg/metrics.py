@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_METRICS", "DEFAULT_OPTIONS", "HIGHER_IS_BETTER", "MetricAccumulator", "SurfaceDistances",
     "assd", "boundary_band", "boundary_f_score", "boundary_iou", "dice", "edge_voxels", "evaluate_case",
-    "hd95", "iou", "normalized_surface_dice", "surface_distances",
+    "evaluate_case_with_distances", "hd95", "iou", "normalized_surface_dice", "surface_distances",
+    "validate_options",
 ]
 
 DEFAULT_METRICS: tuple[str, ...] = ("dice", "iou", "boundary_iou", "boundary_f", "hd95", "assd", "nsd")
@@ -378,7 +379,8 @@ def boundary_f_score(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
 # ----------------------------------------------------------------------------------------------------
 # Per-case evaluation over integer label maps
 # ----------------------------------------------------------------------------------------------------
-def _check_options(metrics: Sequence[str], options: Mapping[str, Any]) -> dict[str, float]:
+def validate_options(metrics: Sequence[str], options: Mapping[str, Any]) -> dict[str, float]:
+    """Checks metric and option names (ValueError with close matches); returns options with defaults."""
     for name in metrics:
         if name not in HIGHER_IS_BETTER:
             raise ValueError(unknown_name_message("metric", name, HIGHER_IS_BETTER))
@@ -389,8 +391,7 @@ def _check_options(metrics: Sequence[str], options: Mapping[str, Any]) -> dict[s
 
 
 def _label_metrics(pred: np.ndarray, ref: np.ndarray, spacing: np.ndarray, metrics: Sequence[str],
-                   opt: Mapping[str, float]) -> dict[str, float]:
-    out: dict[str, float] = {}
+                   opt: Mapping[str, float]) -> tuple[dict[str, float], SurfaceDistances | None]:
     surface = {"boundary_f", "hd95", "assd", "nsd"}
     sd = surface_distances(pred, ref, spacing) if surface.intersection(metrics) else None
     compute = {
@@ -402,9 +403,22 @@ def _label_metrics(pred: np.ndarray, ref: np.ndarray, spacing: np.ndarray, metri
         "assd": lambda: assd_from(sd),
         "nsd": lambda: nsd_from(sd, opt["nsd_tolerance_mm"]),
     }
-    for name in metrics:
-        out[name] = float(compute[name]())
-    return out
+    return {name: float(compute[name]()) for name in metrics}, sd
+
+
+def evaluate_case_with_distances(
+        pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: Sequence[int],
+        metrics: Sequence[str] = DEFAULT_METRICS, **options: float,
+) -> tuple[dict[int, dict[str, float]], dict[int, SurfaceDistances | None]]:
+    """``evaluate_case`` that also returns each label's ``SurfaceDistances`` (None when no surface
+    metric was asked for), e.g. to find the slices with the largest boundary error."""
+    opt = validate_options(metrics, options)
+    pred, ref = np.asarray(pred), np.asarray(ref)
+    _, _, spacing_arr = _check_pair(pred, ref, spacing)
+    results, distances = {}, {}
+    for lab in labels:
+        results[int(lab)], distances[int(lab)] = _label_metrics(pred == lab, ref == lab, spacing_arr, metrics, opt)
+    return results, distances
 
 
 def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], labels: Sequence[int],
@@ -423,10 +437,7 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float], l
     Returns:
         ``{label: {metric: value}}``.
     """
-    opt = _check_options(metrics, options)
-    pred, ref = np.asarray(pred), np.asarray(ref)
-    _, _, spacing_arr = _check_pair(pred, ref, spacing)
-    return {int(lab): _label_metrics(pred == lab, ref == lab, spacing_arr, metrics, opt) for lab in labels}
+    return evaluate_case_with_distances(pred, ref, spacing, labels, metrics, **options)[0]
 
 
 # ----------------------------------------------------------------------------------------------------

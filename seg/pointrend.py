@@ -97,12 +97,13 @@ def get_uncertain_point_coords_with_randomness(
         generator: optional RNG; candidates are drawn first, then the coverage points.
 
     Returns:
-        (R, N, d) coordinates in [0, 1), x-first.
+        (R, N, d) coordinates in [0, 1), x-first, float32 at least.
     """
     if oversample_ratio < 1 or not 0 <= importance_sample_ratio <= 1:
         raise ValueError("need oversample_ratio >= 1 and 0 <= importance_sample_ratio <= 1")
     r, d = coarse_logits.shape[0], coarse_logits.ndim - 2
-    opts = dict(device=coarse_logits.device, dtype=coarse_logits.dtype, generator=generator)
+    dtype = torch.promote_types(coarse_logits.dtype, torch.float32)  # no half-precision coords
+    opts = dict(device=coarse_logits.device, dtype=dtype, generator=generator)
     with torch.no_grad():
         num_sampled = int(num_points * oversample_ratio)
         candidates = torch.rand(r, num_sampled, d, **opts)
@@ -142,12 +143,13 @@ def get_uncertain_point_coords_on_grid(uncertainty_map: torch.Tensor,
 
     Returns:
         idx: (R, N') long flat row-major indices into S (for the scatter of the subdivision step).
-        coords: (R, N', d) x-first normalised cell centres, dtype of ``uncertainty_map``.
+        coords: (R, N', d) x-first normalised cell centres (float32 at least).
     """
     r, size = uncertainty_map.shape[0], uncertainty_map.shape[2:]
     n = min(int(num_points), math.prod(size))
     idx = uncertainty_map.reshape(r, -1).topk(n, dim=1).indices
-    return idx, cell_centres_from_index(idx, size).to(uncertainty_map.dtype)
+    dtype = torch.promote_types(uncertainty_map.dtype, torch.float32)
+    return idx, cell_centres_from_index(idx, size).to(dtype)
 
 
 def generate_regular_grid_point_coords(r: int, size: int | Sequence[int], d: int | None = None,
@@ -301,3 +303,106 @@ def dense_point_inference(point_fn: PointFn, batch: int, out_size: Sequence[int]
     out = torch.cat(parts, dim=2)
     return out.view(batch, out.shape[1], *out_size)
 
+
+
+# --- regions (boxes) ----------------------------------------------------------------------------
+# A box is (lo_x, lo_y[, lo_z], hi_x, hi_y[, hi_z]) in normalised input coordinates, x-first like
+# the points.  Points inside a region are "box-normalised" (u in [0, 1]^d over the box) and map to
+# input coordinates as lo + u (hi - lo) (POINTREND.md §5).  Every backbone level covers the same
+# input extent, so the mapped coordinates address every level directly (detectron2 instead divides
+# pixel coordinates by each level's size / scale: the same thing in our normalised convention).
+
+def box_to_image_coords(coords: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Map box-normalised points to input-normalised points.
+
+    Args:
+        coords: (R, P, d) box-normalised, x-first.
+        boxes: (R, 2d) normalised boxes, x-first (lo..., hi...).
+
+    Returns:
+        (R, P, d) input-normalised coordinates.
+    """
+    d = coords.shape[-1]
+    lo, hi = boxes[:, None, :d].to(coords.dtype), boxes[:, None, d:].to(coords.dtype)
+    return lo + coords * (hi - lo)
+
+
+def point_sample_fine_grained_features(features_list: Sequence[torch.Tensor], boxes: torch.Tensor,
+                                       batch_index: torch.Tensor,
+                                       coords: torch.Tensor) -> torch.Tensor:
+    """Sample every level at box-normalised points of each region, concatenated on channels.
+
+    Args:
+        features_list: maps (N, C_i, *S_i) covering the input.
+        boxes: (R, 2d) normalised boxes, x-first.
+        batch_index: (R,) image of each region.
+        coords: (R, P, d) box-normalised points.
+
+    Returns:
+        (R, sum C_i, P).
+    """
+    r, p, _ = coords.shape
+    image_coords = box_to_image_coords(coords, boxes)
+    channels = sum(f.shape[1] for f in features_list)
+    ref = features_list[0]
+    out = ref.new_zeros(r, channels, p)
+    for n in torch.unique(batch_index).tolist():
+        sel = (batch_index == n).nonzero()[:, 0]
+        pts = image_coords[sel].reshape(1, -1, image_coords.shape[-1])  # all points of image n
+        sampled = torch.cat([point_sample(f[n:n + 1], pts) for f in features_list], dim=1)
+        out[sel] = sampled.view(channels, len(sel), p).transpose(0, 1)
+    return out
+
+
+def whole_input_boxes(n: int, d: int, device: torch.device | str | None = None,
+                      dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """One region per image covering the whole input: boxes (n, 2d), batch_index (n,)."""
+    box = torch.tensor([0.0] * d + [1.0] * d, device=device, dtype=dtype)
+    return box.expand(n, -1).clone(), torch.arange(n, device=device)
+
+
+def boxes_from_labels(labels: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX,
+                      jitter: float = 0.0, generator: torch.Generator | None = None,
+                      min_cells: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Regions from the connected components of every foreground class (face connectivity).
+
+    At training time pass the ground truth and a ``jitter`` (each side moves by up to
+    ``jitter`` times the box extent, then clipped to [0, 1]); at inference pass the argmax of a
+    first coarse pass.  The labels are moved to the CPU for scipy.
+
+    Args:
+        labels: (N, *S) integer label map.
+        num_classes: K; classes 1..K-1 are foreground.
+        ignore_index: ignored label (never a region).
+        jitter: relative box jitter.
+        generator: RNG for the jitter.
+        min_cells: components smaller than this are dropped.
+
+    Returns:
+        boxes (R, 2d) float32 normalised x-first, batch_index (R,) int64, classes (R,) int64.
+    """
+    from scipy import ndimage
+
+    lab = labels.detach().cpu().numpy()
+    size = labels.shape[1:]
+    rows, batch, classes = [], [], []
+    for n in range(lab.shape[0]):
+        for k in range(1, num_classes):
+            comp, count = ndimage.label(lab[n] == k)
+            for i, sl in enumerate(ndimage.find_objects(comp), start=1):
+                if (comp[sl] == i).sum() < min_cells:
+                    continue
+                lo = [s.start / length for s, length in zip(sl, size)][::-1]  # x-first
+                hi = [s.stop / length for s, length in zip(sl, size)][::-1]
+                rows.append(lo + hi)
+                batch.append(n)
+                classes.append(k)
+    d = len(size)
+    boxes = torch.tensor(rows, dtype=torch.float32).view(-1, 2 * d)
+    if jitter > 0 and len(rows):
+        extent = (boxes[:, d:] - boxes[:, :d]).repeat(1, 2)
+        noise = torch.rand(boxes.shape, generator=generator) * 2 - 1
+        boxes = (boxes + jitter * extent * noise).clamp(0, 1)
+        boxes[:, d:] = torch.maximum(boxes[:, d:], boxes[:, :d] + 1e-3).clamp(max=1)
+    return (boxes.to(labels.device), torch.tensor(batch, dtype=torch.long, device=labels.device),
+            torch.tensor(classes, dtype=torch.long, device=labels.device))

@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Segment images with a trained checkpoint; no labels needed.
+
+    python infer_seg.py -i IMAGE_OR_FOLDER -o OUT_FOLDER -m CHECKPOINT [--tta] [--labels LABEL_FOLDER]
+
+Each output keeps the input's file name (an nnU-Net ``_0000`` channel suffix removed), size, spacing,
+origin and direction, and is written as uint8 in the input's format unless ``--format`` says
+otherwise.  Existing outputs are skipped unless ``--overwrite``.  A bad file is reported in one line
+and the others are still processed; the exit status is 2 when any case failed.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from seg.errors import UserError
+
+log = logging.getLogger("infer_seg")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-i", "--input", required=True, nargs="+", help="image file(s) or a folder of images")
+    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-m", "--model", required=True, help="checkpoint file (.pt) from train_seg.py")
+    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (all axes)")
+    p.add_argument("--blend", default="gaussian", choices=("gaussian", "constant", "hann"),
+                   help="weighting of overlapping windows")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write OUT/probabilities/<case> (float32, one channel per class)")
+    p.add_argument("--format", default="same", choices=("same", "nii.gz", "nii", "nrrd", "mha"),
+                   help="output format ('same' = the input's)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per network call")
+    p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
+    p.add_argument("--suffix", default="", help="appended to each output name, e.g. _seg")
+    p.add_argument("--labels", help="label folder: evaluate the predictions into OUT/evaluation")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failing case")
+    p.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    return p.parse_args(argv)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def run(args: argparse.Namespace) -> int:
+    from seg.predict import Predictor, predict_folder
+
+    if not 0.0 <= args.overlap < 1.0 or args.batch_size < 1:
+        raise UserError(f"need 0 <= --overlap < 1 and --batch-size >= 1 (got {args.overlap}, {args.batch_size})")
+    predictor = Predictor.from_checkpoint(args.model, device=args.device, overlap=args.overlap,
+                                          tta=args.tta, batch_size=args.batch_size, blend=args.blend)
+    report = predict_folder(predictor, args.input, args.output, suffix=args.suffix, fmt=args.format,
+                            overwrite=args.overwrite, save_probabilities=args.save_probabilities,
+                            fail_fast=args.fail_fast)
+    log.info("%d written, %d skipped (exist), %d failed -> %s", len(report.successes),
+             len(report.skipped), len(report.failures), args.output)
+    if args.labels:
+        _evaluate(args, predictor.bundle.class_names)
+    if report.failures:
+        log.error("%d case(s) failed:", len(report.failures))
+        for _, msg in report.failures:
+            log.error("  %s", msg)
+        return 2
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, class_names: list[str]) -> None:
+    from seg.evaluate import evaluate_folders
+
+    inputs = [Path(p) for p in args.input]
+    image_dir = inputs[0] if len(inputs) == 1 and inputs[0].is_dir() else None
+    out = Path(args.output) / "evaluation"
+    evaluate_folders(args.output, args.labels, out, image_dir=image_dir, class_names=class_names)
+    log.info("evaluation written to %s", out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
+                        format="%(levelname)s %(message)s" if args.debug else "%(message)s")
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        with logging_redirect_tqdm():
+            return run(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        log.error("error: %s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

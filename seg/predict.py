@@ -1,0 +1,254 @@
+"""From image files to label maps: preprocessing, sliding-window inference and geometry-true output.
+
+``Predictor`` wraps a trained model (an ``InferenceBundle`` from ``seg.checkpoint``) and applies the
+checkpoint's own preprocessing: intensity normalisation and, when a target spacing is set, resampling
+to it.  The network's logits are resampled back to the input grid *before* the argmax (linear
+interpolation of logits, not nearest-neighbour of labels), so the output has exactly the input's
+size, spacing, origin and direction.  ``predict_folder`` runs a whole folder, skips outputs that
+exist, and turns a bad file into a one-line failure while the other cases go on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from seg import io
+from seg.errors import DataError, UserError
+from seg.inference import predict_volume_2d, sliding_window_inference
+from seg.preprocess import normalize, resample, resampled_shape
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha")
+_CHUNK = 16  # spatial slices per chunk in argmax/softmax over large volumes
+
+
+@dataclasses.dataclass
+class PredictionReport:
+    """Outcome of ``predict_folder``.
+
+    Attributes:
+        successes: (input file, written output) pairs.
+        skipped: (input file, existing output) pairs left alone (no ``overwrite``).
+        failures: (input file, one-line error message) pairs.
+    """
+
+    successes: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
+    failures: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
+
+
+class Predictor:
+    """Segment arrays and files with a trained model.
+
+    Args:
+        bundle: from ``seg.checkpoint.load_for_inference`` (model in eval mode, patch size,
+            preprocessing, class names, ...), or any object with the same fields.
+        overlap: sliding-window overlap in [0, 1).
+        tta: mirror test-time augmentation over all spatial axes (or the given spatial axes).
+        batch_size: windows per network call.
+        blend: 'gaussian', 'hann' or 'constant'.
+        output_device: where logits are accumulated (CPU keeps GPU memory to one batch).
+        progress: per-window progress bar inside each case.
+    """
+
+    def __init__(self, bundle, overlap: float = 0.5, tta: bool | Sequence[int] = False,
+                 batch_size: int = 4, blend: str = "gaussian",
+                 output_device: str | torch.device = "cpu", progress: bool = False) -> None:
+        self.bundle = bundle
+        self.model = bundle.model.eval()
+        self.spatial_dims = int(bundle.spatial_dims)
+        self.patch_size = tuple(int(p) for p in bundle.patch_size)
+        self.num_classes = len(bundle.class_names)
+        self.window_kwargs = dict(overlap=overlap, tta=tta, batch_size=batch_size, blend=blend,
+                                  output_device=output_device, progress=progress)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
+                        **kwargs) -> "Predictor":
+        """Load ``path`` with ``seg.checkpoint.load_for_inference`` and wrap it."""
+        from seg.checkpoint import load_for_inference
+
+        return cls(load_for_inference(path, device), **kwargs)
+
+    def check_input(self, image: np.ndarray, path: str | os.PathLike | None = None) -> None:
+        """Raise a one-line DataError when ``image`` (C, *S) cannot go through this model."""
+        sd, c = image.ndim - 1, image.shape[0]
+        if c != self.bundle.in_channels:
+            raise DataError(f"has {c} channel(s) but the model expects {self.bundle.in_channels}", path)
+        if sd not in (2, 3) or (self.spatial_dims == 3 and sd != 3):
+            raise DataError(f"has {sd} spatial axes (shape {image.shape[1:]}) but the model is "
+                            f"{self.spatial_dims}D", path)
+
+    def predict_logits(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Blended logits of a normalised (C, *S) image on its own grid: (K, *S) float32."""
+        x = torch.as_tensor(image, dtype=torch.float32)
+        if self.spatial_dims == 2 and x.ndim == 4:  # 2D model on a volume: slice it
+            axis = 2 if self.bundle.slice_axis is None else int(self.bundle.slice_axis)
+            return predict_volume_2d(x, self.model, axis, self.patch_size, **self.window_kwargs)
+        return sliding_window_inference(x[None], self.model, self.patch_size, **self.window_kwargs)[0]
+
+    def predict_array(self, image: np.ndarray, spacing: Sequence[float] | None = None,
+                      return_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """Segment one image.
+
+        Args:
+            image: (C, X, Y, Z) or (C, X, Y) raw intensities.
+            spacing: voxel size per spatial axis (needed when the checkpoint has a target spacing).
+            return_probabilities: also return softmax probabilities.
+
+        Returns:
+            (labels, probabilities): labels (X, Y, Z) / (X, Y) uint8 (uint16 above 256 classes);
+            probabilities (K, *S) float32 on the input grid, or None.
+        """
+        self.check_input(image)
+        shape = tuple(image.shape[1:])
+        x = normalize(image, self.bundle.preprocessing)
+        net_shape = self._network_shape(shape, spacing)
+        if net_shape != shape:
+            logger.debug("resampling %s -> %s for the network", shape, net_shape)
+            x = resample(x, net_shape, mode="linear")
+        logits = self.predict_logits(x)
+        del x
+        if net_shape != shape:
+            logits = resample(logits, shape, mode="linear")
+        return _labels_and_probabilities(logits, return_probabilities)
+
+    def _network_shape(self, shape: tuple[int, ...], spacing: Sequence[float] | None) -> tuple[int, ...]:
+        """Grid size at the checkpoint's target spacing (axes it does not cover keep their size)."""
+        target = self.bundle.preprocessing.target_spacing
+        if target is None:
+            return shape
+        if spacing is None:
+            raise ValueError("this checkpoint resamples to a target spacing: pass the image spacing")
+        target = list(target)
+        if len(target) == len(shape) - 1 and self.bundle.slice_axis is not None:
+            target.insert(int(self.bundle.slice_axis), spacing[int(self.bundle.slice_axis)])  # in-plane only
+        if len(target) != len(shape):
+            raise ValueError(f"target spacing {tuple(target)} does not fit an image of shape {shape}")
+        return resampled_shape(shape, spacing, target)
+
+    def predict_file(self, in_paths: str | os.PathLike | Sequence[str | os.PathLike],
+                     out_path: str | os.PathLike, probabilities_path: str | os.PathLike | None = None
+                     ) -> Path:
+        """Segment one case and write its label map with the input's geometry.
+
+        Args:
+            in_paths: the image file, or one file per channel (nnU-Net ``_0000``, ``_0001``, ...).
+            out_path: label map to write (format from the extension); written atomically.
+            probabilities_path: where to write the probabilities (float32, K channels), if wanted.
+        """
+        image, meta = read_case(in_paths)
+        self.check_input(image, meta.path)
+        labels, probs = self.predict_array(image, meta.spacing, probabilities_path is not None)
+        if probs is not None:
+            io.write_image(probabilities_path, probs, meta)
+        return io.write_label(out_path, labels, meta, num_classes=self.num_classes)
+
+
+def read_case(in_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[np.ndarray, io.ImageMeta]:
+    """Read one case (one file or one file per channel) as (C, *S) with the first file's geometry."""
+    paths = [in_paths] if isinstance(in_paths, (str, os.PathLike)) else list(in_paths)
+    arrays, meta = [], None
+    for p in paths:
+        arr, m = io.read_image(p)
+        if meta is not None and (m.size != meta.size or not np.allclose(m.spacing, meta.spacing, rtol=1e-4)):
+            raise DataError(f"channel grid {m.size} @ {m.spacing} differs from {meta.path} "
+                            f"({meta.size} @ {meta.spacing})", p)
+        arrays.append(arr)
+        meta = meta or m
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), meta
+
+
+def _labels_and_probabilities(logits: torch.Tensor, with_probs: bool
+                              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Argmax (and softmax, in place) of (K, *S) logits, chunked along the first spatial axis."""
+    k = logits.shape[0]
+    labels = np.empty(tuple(logits.shape[1:]), dtype=io.label_dtype(np.zeros(0), max(k, 2)))
+    for i in range(0, logits.shape[1], _CHUNK):
+        chunk = logits[:, i:i + _CHUNK]
+        lab = (chunk[0] > 0) if k == 1 else chunk.argmax(0)  # one channel: sigmoid logit of foreground
+        labels[i:i + _CHUNK] = lab.numpy()
+        if with_probs:
+            chunk.copy_(torch.sigmoid(chunk) if k == 1 else torch.softmax(chunk, 0))
+    return labels, (logits.numpy() if with_probs else None)
+
+
+def find_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[list[Path]]:
+    """Cases to predict: a folder's image files, one file, or a list of files; each case a list of
+    channel files (nnU-Net ``case_0000``, ``case_0001`` ... grouped)."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    files: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            files += io.list_images(item)
+        elif item.exists() or io.is_image_file(item):
+            files.append(item)
+        else:
+            raise UserError("no such file or folder", item)
+    if not files:
+        raise UserError(f"no image files ({', '.join(io.IMAGE_EXTENSIONS)}) found", items[0])
+    return list(io.group_channels(files).values())
+
+
+def output_path(case: Sequence[Path], out_dir: str | os.PathLike, suffix: str = "", fmt: str = "same",
+                probabilities: bool = False) -> Path:
+    """Output file of a case: the input's name (channel suffix removed) + suffix, in ``fmt``.
+
+    Probabilities go to ``out_dir/probabilities/`` (as .nii.gz for PNG inputs, which cannot hold
+    floats), so ``out_dir`` holds label maps only.
+    """
+    if fmt not in OUTPUT_FORMATS:
+        raise UserError(f"unknown output format {fmt!r}; choose from {', '.join(OUTPUT_FORMATS)}")
+    ext = io.split_extension(case[0])[1] if fmt == "same" else "." + fmt
+    if probabilities:
+        out_dir, ext = Path(out_dir) / "probabilities", (".nii.gz" if ext.lower() == ".png" else ext)
+    return Path(out_dir) / f"{io.case_name(case[0])}{suffix}{ext}"
+
+
+def predict_folder(predictor: Predictor, inputs: str | os.PathLike | Sequence[str | os.PathLike],
+                   out_dir: str | os.PathLike, suffix: str = "", fmt: str = "same",
+                   overwrite: bool = False, save_probabilities: bool = False,
+                   fail_fast: bool = False, progress: bool = True) -> PredictionReport:
+    """Segment every case of ``inputs`` into ``out_dir``.
+
+    Args:
+        predictor: the model wrapper.
+        inputs: a folder, an image file, or a list of files.
+        out_dir: output folder (created).
+        suffix: appended to each case name (``brain1`` -> ``brain1_seg.nrrd`` with ``_seg``).
+        fmt: 'same' (the input's format) or one of ``OUTPUT_FORMATS``.
+        overwrite: redo cases whose output exists (otherwise they are skipped).
+        save_probabilities: also write the probabilities to ``out_dir/probabilities/``.
+        fail_fast: re-raise the first failure instead of going on.
+        progress: tqdm bar over cases.
+
+    Returns:
+        A ``PredictionReport`` with successes, skipped cases and failures (one line each).
+    """
+    cases = find_cases(inputs)
+    report = PredictionReport()
+    from tqdm import tqdm
+    for case in tqdm(cases, desc="cases", unit="case", disable=not progress):
+        out = output_path(case, out_dir, suffix, fmt)
+        if out.exists() and not overwrite:
+            logger.info("%s exists, skipped (use overwrite to redo it)", out)
+            report.skipped.append((case[0], out))
+            continue
+        prob = output_path(case, out_dir, suffix, fmt, probabilities=True) if save_probabilities else None
+        try:
+            report.successes.append((case[0], predictor.predict_file(case, out, prob)))
+        except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
+            if fail_fast:
+                raise
+            msg = str(exc) if isinstance(exc, UserError) else f"{case[0]}: {type(exc).__name__}: {exc}"
+            logger.error("%s", msg.splitlines()[0] if msg else type(exc).__name__)
+            logger.debug("traceback for %s", case[0], exc_info=True)
+            report.failures.append((case[0], msg.splitlines()[0] if msg else type(exc).__name__))
+    return report

@@ -1,0 +1,306 @@
+"""Sliding-window engine, prediction pipeline and infer_seg CLI.
+
+References: oracle predictors (identity / a known linear map must come through unchanged), MONAI's
+``sliding_window_inference`` and ``compute_importance_map`` (test-only), closed forms for TTA.
+"""
+import logging
+import types
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from monai.data.utils import compute_importance_map, dense_patch_slices
+from monai.inferers import sliding_window_inference as monai_swi
+
+import infer_seg
+from seg import io, ops
+from seg.inference import (blend_weight, mirror_axes, predict_volume_2d, sliding_window_inference,
+                           window_starts)
+from seg.predict import Predictor, find_cases, predict_folder
+from seg.preprocess import Preprocessing
+
+torch.set_num_threads(1)
+DIMS = [2, 3]
+SHAPES = {2: (23, 17), 3: (13, 11, 9)}   # odd, non-square, larger than the patch
+PATCH = {2: (8, 6), 3: (6, 5, 4)}
+
+
+def _conv_net(sd: int, cin: int = 2, k: int = 3, seed: int = 0) -> torch.nn.Module:
+    """A small zero-padded conv net: its output depends on where the window borders are."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(ops.conv(sd, cin, 4, 3), torch.nn.ReLU(), ops.conv(sd, 4, k, 3)).eval()
+
+
+def _linear_map(sd: int, cin: int = 2, k: int = 3) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    conv = ops.conv(sd, cin, k, 1)
+    a, b = torch.randn(k, cin), torch.randn(k)
+    with torch.no_grad():
+        conv.weight.copy_(a.reshape(k, cin, *([1] * sd)))
+        conv.bias.copy_(b)
+    return conv.eval(), a, b
+
+
+# ---------------------------------------------------------------------------------------- oracles
+@pytest.mark.parametrize("sd", DIMS)
+@pytest.mark.parametrize("blend", ["gaussian", "hann", "constant"])
+def test_linear_oracle_passes_through(sd, blend):
+    torch.manual_seed(1)
+    net, a, b = _linear_map(sd)
+    x = torch.randn(2, 2, *SHAPES[sd])
+    y = sliding_window_inference(x, net, PATCH[sd], overlap=0.5, blend=blend, batch_size=3)
+    expected = torch.einsum("kc,nc...->nk...", a, x) + b.reshape(1, -1, *([1] * sd))
+    assert y.shape == (2, 3, *SHAPES[sd]) and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sd", DIMS)
+def test_identity_smaller_than_patch_is_padded_and_cropped(sd):
+    x = torch.randn(1, 1, *[p - 3 for p in PATCH[sd]]) + 5.0
+    seen = []
+
+    def identity(w):
+        seen.append(tuple(w.shape[2:]))
+        return w
+
+    y = sliding_window_inference(x, identity, PATCH[sd], pad_value=-7.0)
+    assert seen == [PATCH[sd]]  # one window, at the full patch size
+    torch.testing.assert_close(y, x)
+
+
+# ---------------------------------------------------------------------------------- against MONAI
+@pytest.mark.parametrize("sd", DIMS)
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+def test_weight_map_matches_monai(sd, mode):
+    torch.testing.assert_close(blend_weight(PATCH[sd], mode), compute_importance_map(PATCH[sd], mode))
+
+
+@pytest.mark.parametrize("size,patch,overlap", [(23, 8, 0.5), (9, 9, 0.5), (100, 32, 0.25), (31, 7, 0.6),
+                                                (5, 8, 0.5), (64, 16, 0.0)])
+def test_window_positions_cover_symmetric_and_count_like_monai(size, patch, overlap):
+    starts = window_starts(max(size, patch), patch, overlap)
+    span = max(size, patch) - patch
+    assert starts[0] == 0 and starts[-1] == span and starts == sorted(set(starts))
+    mirrored = [span - s for s in reversed(starts)]  # mirror-symmetric grid, except a middle window
+    assert [abs(m - s) for m, s in zip(mirrored, starts)] == [int(span % 2 == 1 and i == len(starts) // 2
+                                                               and len(starts) % 2 == 1)
+                                                           for i in range(len(starts))]
+    step = max(1, int(patch * (1 - overlap)))
+    assert max(np.diff(starts), default=0) <= step  # never less overlap than asked for
+    monai_n = len(dense_patch_slices((max(size, patch),), (patch,), (step,)))
+    assert len(starts) == monai_n
+
+
+# Sizes where S - P is a multiple of MONAI's interval: both grids coincide, outputs must agree.
+@pytest.mark.parametrize("sd", DIMS)
+@pytest.mark.parametrize("mode", ["gaussian", "constant"])
+def test_matches_monai_sliding_window(sd, mode):
+    shape = {2: (20, 15), 3: (12, 11, 2)}[sd]  # the 3D case is smaller than the patch on one axis
+    net = _conv_net(sd)
+    x = torch.randn(2, 2, *shape)
+    ours = sliding_window_inference(x, net, PATCH[sd], overlap=0.5, blend=mode, batch_size=3)
+    with torch.no_grad():
+        ref = monai_swi(x, PATCH[sd], 3, net, overlap=0.5, mode=mode)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("slice_axis", [0, 1, 2])
+def test_2d_predictor_on_3d_volume_matches_slice_by_slice(slice_axis):
+    net = _conv_net(2, cin=1)
+    vol = torch.randn(1, 10, 15, 7)
+    out = predict_volume_2d(vol, net, slice_axis, (8, 6), slices_per_call=4, overlap=0.5, batch_size=5)
+    assert out.shape == (3, 10, 15, 7)
+    for i in range(vol.shape[slice_axis + 1]):
+        sl = vol.select(slice_axis + 1, i)[None]  # (1, C, a, b)
+        with torch.no_grad():
+            ref = monai_swi(sl, (8, 6), 2, net, overlap=0.5, mode="gaussian")[0]
+        torch.testing.assert_close(out.select(slice_axis + 1, i), ref, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------------------------- TTA
+SYM_SHAPES = {2: (22, 16), 3: (14, 11, 9)}  # S - P even on every axis: a fully symmetric grid
+
+
+def _mirror_symmetric(sd: int) -> torch.Tensor:
+    x = torch.randn(1, 1, *SYM_SHAPES[sd])
+    for ax in range(2, 2 + sd):
+        x = x + x.flip(ax)
+    return x
+
+
+@pytest.mark.parametrize("sd", DIMS)
+def test_tta_equivariant_predictor_unchanged_and_output_symmetric(sd):
+    k = torch.tensor([1.0, 2.0, 1.0])  # symmetric kernel: the conv commutes with every mirror
+    kernel = k
+    for _ in range(sd - 1):
+        kernel = kernel[..., None] * k
+    conv = ops.conv(sd, 1, 1, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(kernel[None, None])
+    x = _mirror_symmetric(sd)
+    plain = sliding_window_inference(x, conv, PATCH[sd], overlap=0.5)
+    tta = sliding_window_inference(x, conv, PATCH[sd], overlap=0.5, tta=True)
+    torch.testing.assert_close(tta, plain, atol=1e-4, rtol=1e-4)
+    for ax in range(2, 2 + sd):  # symmetric grid + symmetric weights keep the symmetry
+        torch.testing.assert_close(plain, plain.flip(ax), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sd", DIMS)
+def test_tta_non_equivariant_predictor_is_averaged_over_mirrors(sd):
+    calls = []
+
+    def ramp(w):  # multiplies by a ramp along the first axis of the window: not mirror-equivariant
+        calls.append(1)
+        r = torch.linspace(0, 1, w.shape[2]).reshape(1, 1, -1, *([1] * (sd - 1)))
+        return w * r
+
+    x = _mirror_symmetric(sd)
+    plain = sliding_window_inference(x, ramp, PATCH[sd], overlap=0.5, batch_size=100)
+    assert len(calls) == 1
+    assert not torch.allclose(plain, plain.flip(2), atol=1e-3)
+    tta = sliding_window_inference(x, ramp, PATCH[sd], overlap=0.5, batch_size=100, tta=True)
+    assert len(calls) == 1 + 2 ** sd  # identity + every non-empty subset of axes
+    torch.testing.assert_close(tta, 0.5 * x, atol=1e-5, rtol=1e-5)  # ramp + flipped ramp = 1
+    assert len(mirror_axes(sd, [0])) == 1
+
+
+def test_softmax_activation_blends_probabilities():
+    net = _conv_net(3)
+    y = sliding_window_inference(torch.randn(1, 2, *SHAPES[3]), net, PATCH[3], activation="softmax", tta=True)
+    torch.testing.assert_close(y.sum(1), torch.ones(1, *SHAPES[3]))
+
+
+def test_bad_arguments_and_predictors():
+    x = torch.randn(1, 1, 9, 9)
+    with pytest.raises(ValueError, match="overlap"):
+        sliding_window_inference(x, lambda w: w, (4, 4), overlap=1.0)
+    with pytest.raises(ValueError, match="resolution"):
+        sliding_window_inference(x, lambda w: w[..., ::2, ::2], (4, 4))
+    with pytest.raises(ValueError, match="blend"):
+        sliding_window_inference(x, lambda w: w, (4, 4), blend="gauss")
+
+
+# -------------------------------------------------------------------------------------- pipeline
+class _SignModel(torch.nn.Module):
+    """Pointwise: logits (-x, x) -> class 1 where the normalised intensity is positive."""
+
+    def __init__(self, sd: int):
+        super().__init__()
+        self.conv = ops.conv(sd, 1, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([-1.0, 1.0]).reshape(2, 1, *([1] * sd)))
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def _bundle(sd=3, slice_axis=None, target_spacing=None, patch=(8, 8, 4)):
+    return types.SimpleNamespace(model=_SignModel(sd), spatial_dims=sd, patch_size=patch,
+                                 slice_axis=slice_axis, class_names=["background", "fg"], in_channels=1,
+                                 preprocessing=Preprocessing("zscore", target_spacing=target_spacing))
+
+
+def _smooth_volume(shape=(19, 14, 9)):
+    g = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
+    return (100 + 50 * np.sin(2.5 * g[0]) * np.cos(2 * g[1]) + 10 * g[2])[None].astype(np.float32)
+
+
+@pytest.mark.parametrize("bundle_kw", [dict(), dict(sd=2, slice_axis=2, patch=(8, 8)),
+                                       dict(sd=2, slice_axis=0, patch=(8, 4))])
+def test_predict_array_matches_closed_form(bundle_kw):
+    img = _smooth_volume()
+    labels, probs = Predictor(_bundle(**bundle_kw), tta=True).predict_array(img, (1.0, 1.0, 3.0), True)
+    z = (img - img.mean()) / img.std()
+    assert labels.dtype == np.uint8 and labels.shape == img.shape[1:]
+    np.testing.assert_array_equal(labels, (z[0] > 0).astype(np.uint8))
+    np.testing.assert_allclose(probs[1], 1 / (1 + np.exp(-2 * z[0])), atol=1e-4)  # softmax(-z, z)
+
+
+def test_predict_array_with_target_spacing_returns_input_grid():
+    img = _smooth_volume()
+    base, _ = Predictor(_bundle()).predict_array(img, (1.0, 1.0, 3.0))
+    resampled, _ = Predictor(_bundle(target_spacing=(1.6, 1.3, 2.0))).predict_array(img, (1.0, 1.0, 3.0))
+    assert resampled.shape == base.shape
+    assert (resampled == base).mean() > 0.97  # smooth boundary: only border voxels may differ
+    with pytest.raises(ValueError, match="spacing"):
+        Predictor(_bundle(target_spacing=(2.0, 2.0, 2.0))).predict_array(img, None)
+
+
+# ------------------------------------------------------------------------------------ files / CLI
+def _write_case(path, shape=(19, 14, 9), spacing=(0.8, 0.9, 3.0)):
+    arr = _smooth_volume(shape)[0].astype(np.int16)
+    img = sitk.GetImageFromArray(arr.transpose(2, 1, 0))
+    img.SetSpacing(spacing)
+    img.SetOrigin((10.0, -20.0, 5.0))
+    img.SetDirection((0.0, -1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+    sitk.WriteImage(img, str(path))
+    return img
+
+
+@pytest.fixture
+def case_folder(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    _write_case(d / "brain1.nrrd")
+    _write_case(d / "la_002_0000.nii.gz", shape=(11, 7, 5), spacing=(1.0, 1.0, 1.0))  # smaller than patch
+    (d / "corrupt.nii.gz").write_bytes(b"\x1f\x8b not really gzip")
+    return d
+
+
+@pytest.fixture
+def fake_checkpoint(monkeypatch):
+    """Until seg.model exists, the CLI gets its Predictor from a tiny in-memory model."""
+    def from_checkpoint(cls, path, device="cpu", **kw):
+        return cls(_bundle(), **kw)
+
+    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(from_checkpoint))
+
+
+def test_cli_corrupt_file_among_good_ones(case_folder, tmp_path, fake_checkpoint, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        rc = infer_seg.main(["-i", str(case_folder), "-o", str(out), "-m", "fake.pt", "--save-probabilities"])
+    assert rc == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert any("corrupt.nii.gz" in m for m in errors)
+    assert all("Traceback" not in m for m in errors)
+    assert sorted(p.name for p in out.iterdir()) == ["brain1.nrrd", "la_002.nii.gz", "probabilities"]
+    src, pred = sitk.ReadImage(str(case_folder / "brain1.nrrd")), sitk.ReadImage(str(out / "brain1.nrrd"))
+    assert pred.GetPixelID() == sitk.sitkUInt8
+    for attr in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
+        assert getattr(pred, attr)() == pytest.approx(getattr(src, attr)(), abs=1e-6)
+    assert sitk.ReadImage(str(out / "probabilities" / "brain1.nrrd")).GetNumberOfComponentsPerPixel() == 2
+
+    caplog.clear()  # second run: existing outputs are skipped, the bad file still fails
+    mtime = (out / "brain1.nrrd").stat().st_mtime_ns
+    assert infer_seg.main(["-i", str(case_folder), "-o", str(out), "-m", "fake.pt"]) == 2
+    assert (out / "brain1.nrrd").stat().st_mtime_ns == mtime
+
+
+def test_cli_single_file_suffix_format_overwrite(case_folder, tmp_path, fake_checkpoint):
+    out = tmp_path / "o2"
+    args = ["-i", str(case_folder / "brain1.nrrd"), "-o", str(out), "-m", "x.pt", "--suffix", "_seg",
+            "--format", "nii.gz", "--tta", "--overlap", "0.25"]
+    assert infer_seg.main(args) == 0
+    assert [p.name for p in out.iterdir()] == ["brain1_seg.nii.gz"]
+    mtime = (out / "brain1_seg.nii.gz").stat().st_mtime_ns
+    assert infer_seg.main(args + ["--overwrite"]) == 0
+    assert (out / "brain1_seg.nii.gz").stat().st_mtime_ns != mtime
+
+
+def test_predict_folder_report_and_fail_fast(case_folder, tmp_path):
+    pred = Predictor(_bundle())
+    report = predict_folder(pred, case_folder, tmp_path / "o", progress=False)
+    assert len(report.successes) == 2 and len(report.failures) == 1
+    assert "corrupt.nii.gz" in report.failures[0][1]
+    with pytest.raises(Exception):
+        predict_folder(pred, case_folder, tmp_path / "o3", fail_fast=True, progress=False)
+    assert [len(c) for c in find_cases(case_folder)] == [1, 1, 1]
+
+
+def test_cli_user_errors_are_one_line(tmp_path, caplog):
+    with caplog.at_level(logging.ERROR):
+        rc = infer_seg.main(["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path / "no.pt")])
+    assert rc == 2
+    assert any("no.pt" in r.getMessage() for r in caplog.records)
