@@ -4,6 +4,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import sys
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -19,6 +20,7 @@ def load_config(path: str | None = None) -> Any:
         raise ConfigError("config file not found", path)
     spec = importlib.util.spec_from_file_location(f"_hparam_{abs(hash(str(path)))}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
     try:
         spec.loader.exec_module(module)
     except Exception as exc:  # a user's file: report, don't crash with a traceback

@@ -63,7 +63,7 @@ def test_overrides_parse_types_and_suggest() -> None:
     assert cfg.data.spatial_dims == 2 and cfg.model.backbone == "repvgg_a0"
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.data.patch_size == (64, 48)
-    with pytest.raises(ConfigError, match="did you mean 'iterations'"):
+    with pytest.raises(ConfigError, match="Did you mean 'iterations'"):
         apply_overrides(Config(), ["train.iteration=5"])
     with pytest.raises(ConfigError, match="expected int"):
         apply_overrides(Config(), ["train.iterations=many"])

@@ -1,0 +1,324 @@
+"""ConvNeXt ("A ConvNet for the 2020s", Liu et al. 2022): one implementation for 2D and 3D.
+
+Layout: a patchify stem (conv with kernel = stride = 4, then channels-first LayerNorm), four stages,
+each but the first opened by a downsampler (channels-first LayerNorm, then conv with kernel =
+stride = 2), each a stack of blocks::
+
+    x -> depthwise k^d conv -> LayerNorm (channels-last) -> Linear C->4C -> GELU -> Linear 4C->C
+      -> * gamma (layer scale) -> drop path -> + x
+
+Per-axis strides: ``strides`` gives the stride factor of the stem and of each downsampler, one
+int (all axes) or one per-axis tuple per stage, e.g. for thick-slice volumes
+``strides=((1, 4, 4), (1, 2, 2), (2, 2, 2), (2, 2, 2))`` keeps depth at full resolution in the stem
+and stage 1 (cumulative strides (1, 4, 4), (1, 8, 8), (2, 16, 16), (4, 32, 32)).  The kernel of
+the stem and of the downsamplers equals their stride on every axis (non-overlapping patches).
+
+Output size: every stride-s conv zero-pads its input at the end of each axis up to a multiple of
+s, so a feature of stride ``s`` has spatial size ``ceil(input / s)`` on every axis, for any input.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from seg import ops
+from seg.registry import unknown_name_message
+
+from . import BACKBONES
+from .base import Backbone, FeatureInfo
+
+__all__ = ["ConvNeXt", "checkpoint_filter_fn", "pad_to_multiple"]
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the end of every spatial axis up to a multiple of ``multiple`` (per axis).
+
+    Args:
+        x: (N, C, *S) tensor.
+        multiple: one positive int per spatial axis.
+
+    Returns:
+        (N, C, *S') with ``S'[i] = ceil(S[i] / multiple[i]) * multiple[i]``.
+    """
+    pads: list[int] = []
+    for size, m in zip(reversed(x.shape[2:]), reversed(tuple(multiple))):  # F.pad: last axis first
+        pads += [0, (-size) % m]
+    return F.pad(x, pads) if any(pads) else x
+
+
+class Stem(nn.Module):
+    """Patchify stem: (N, in_chans, *S) -> (N, C, *ceil(S / stride))."""
+
+    def __init__(self, spatial_dims: int, in_chans: int, out_chans: int, stride: tuple[int, ...]):
+        super().__init__()
+        self.stride = stride
+        self.conv = ops.conv(spatial_dims, in_chans, out_chans, stride, stride=stride, padding=0)
+        self.norm = ops.LayerNormChannelsFirst(out_chans, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(pad_to_multiple(x, self.stride)))
+
+
+class Downsample(nn.Module):
+    """Between stages: (N, C_in, *S) -> LayerNorm -> patch conv -> (N, C_out, *ceil(S / stride))."""
+
+    def __init__(self, spatial_dims: int, in_chans: int, out_chans: int, stride: tuple[int, ...]):
+        super().__init__()
+        self.stride = stride
+        self.norm = ops.LayerNormChannelsFirst(in_chans, eps=1e-6)
+        self.conv = ops.conv(spatial_dims, in_chans, out_chans, stride, stride=stride, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(pad_to_multiple(self.norm(x), self.stride))
+
+
+class Block(nn.Module):
+    """ConvNeXt block, (N, C, *S) -> (N, C, *S)."""
+
+    def __init__(self, spatial_dims: int, dim: int, kernel_size: Any = 7, mlp_ratio: float = 4.0,
+                 drop_path: float = 0.0, layer_scale_init_value: float | None = 1e-6) -> None:
+        super().__init__()
+        self.conv_dw = ops.conv(spatial_dims, dim, dim, kernel_size, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.fc1 = nn.Linear(dim, int(mlp_ratio * dim))
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(int(mlp_ratio * dim), dim)
+        self.gamma = (nn.Parameter(torch.full((dim,), float(layer_scale_init_value)))
+                      if layer_scale_init_value else None)
+        self.drop_path = ops.DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = ops.channels_last(self.conv_dw(x))  # (N, C, *S) -> (N, *S, C)
+        y = self.fc2(self.act(self.fc1(self.norm(y))))  # (N, *S, C) -> (N, *S, 4C) -> (N, *S, C)
+        if self.gamma is not None:
+            y = y * self.gamma
+        return x + self.drop_path(ops.channels_first(y))  # (N, *S, C) -> (N, C, *S)
+
+
+class Stage(nn.Module):
+    """Optional downsampler followed by ``depth`` blocks."""
+
+    def __init__(self, downsample: nn.Module, blocks: list[nn.Module]) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+def _stage_strides(strides: Sequence[Any], spatial_dims: int) -> list[tuple[int, ...]]:
+    """Per-stage per-axis stride factors from 4 entries, each an int or a per-axis tuple."""
+    if len(strides) != 4:
+        raise ValueError(f"strides needs one entry per stage (4), got {len(strides)}: {strides!r}")
+    out = [tuple(int(s) for s in ops.to_ntuple(s, spatial_dims)) for s in strides]
+    if any(s < 1 for st in out for s in st):
+        raise ValueError(f"strides must be positive, got {strides!r}")
+    return out
+
+
+class ConvNeXt(Backbone):
+    """ConvNeXt feature extractor for (N, in_chans, H, W) or (N, in_chans, D, H, W) inputs.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_chans: number of input channels.
+        depths: number of blocks per stage.
+        dims: channels per stage.
+        kernel_size: depthwise kernel of the blocks (int or per-axis tuple).
+        strides: stride factor of the stem and of each downsampler (see the module docstring).
+        mlp_ratio: hidden width of the block MLP relative to its input.
+        drop_path_rate: stochastic depth rate, increasing linearly from 0 to this over all blocks.
+        layer_scale_init_value: initial layer-scale gamma (None or 0: no layer scale).
+        out_indices: stages to output; stages after the last one listed are not built.
+        grad_checkpointing: recompute each block in the backward pass to save memory.
+
+    ``forward(x)`` returns ``{"stage<i>": (N, dims[i], *ceil(S / stride_i))}`` for i in
+    ``out_indices``, fine to coarse, as declared in ``feature_info``.
+    """
+
+    stem_key = "stem.conv.weight"
+
+    def __init__(self, spatial_dims: int, in_chans: int = 1,
+                 depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
+                 kernel_size: Any = 7, strides: Sequence[Any] = (4, 2, 2, 2),
+                 mlp_ratio: float = 4.0, drop_path_rate: float = 0.0,
+                 layer_scale_init_value: float | None = 1e-6,
+                 out_indices: Sequence[int] = (0, 1, 2, 3),
+                 grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"ConvNeXt needs spatial_dims 2 or 3, got {spatial_dims!r}")
+        self.spatial_dims = spatial_dims
+        self.out_indices = _check_out_indices(out_indices, len(depths))
+        stage_strides = _stage_strides(strides, spatial_dims)
+        num_stages = max(self.out_indices) + 1
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stem = Stem(spatial_dims, in_chans, dims[0], stage_strides[0])
+        self.stages = nn.ModuleList()
+        self.feature_info: list[FeatureInfo] = []
+        total = stage_strides[0]
+        for i in range(num_stages):
+            down = (nn.Identity() if i == 0
+                    else Downsample(spatial_dims, dims[i - 1], dims[i], stage_strides[i]))
+            total = total if i == 0 else tuple(a * b for a, b in zip(total, stage_strides[i]))
+            block_rates = rates[sum(depths[:i]):sum(depths[:i + 1])]
+            blocks = [Block(spatial_dims, dims[i], kernel_size, mlp_ratio, rate,
+                            layer_scale_init_value) for rate in block_rates]
+            self.stages.append(Stage(down, blocks))
+            if i in self.out_indices:
+                self.feature_info.append(FeatureInfo(f"stage{i}", dims[i], total))
+        self.apply(_init_weights)
+        self.set_grad_checkpointing(grad_checkpointing)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block during backward (saves activation memory, costs compute)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, in_chans, *S) -> ordered dict of (N, C_i, *ceil(S / stride_i)), fine to coarse."""
+        x = self.stem(x)
+        features: dict[str, torch.Tensor] = {}
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                features[f"stage{i}"] = x
+        return features
+
+
+def _check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
+    out = tuple(sorted(set(int(i) for i in out_indices)))
+    if not out or out[0] < 0 or out[-1] >= num_stages:
+        raise ValueError(f"out_indices must be stage indices in 0..{num_stages - 1}, "
+                         f"got {out_indices!r}")
+    return out
+
+
+def _init_weights(module: nn.Module) -> None:
+    """Truncated-normal (std 0.02) conv and linear weights, zero biases, as in the paper."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+# --- checkpoint key layouts -------------------------------------------------------------------
+# facebookresearch/ConvNeXt: downsample_layers.0 = stem (conv, norm), downsample_layers.i
+# (i >= 1) = (norm, conv), stages.i.j = block j of stage i (dwconv, norm, pwconv1, pwconv2, gamma),
+# norm = final norm, head = classifier.
+_OFFICIAL_RULES = [
+    (r"^downsample_layers\.0\.0\.", "stem.conv."),
+    (r"^downsample_layers\.0\.1\.", "stem.norm."),
+    (r"^downsample_layers\.(\d+)\.0\.", r"stages.\1.downsample.norm."),
+    (r"^downsample_layers\.(\d+)\.1\.", r"stages.\1.downsample.conv."),
+    (r"^stages\.(\d+)\.(\d+)\.", r"stages.\1.blocks.\2."),
+    (r"\.dwconv\.", ".conv_dw."),
+    (r"\.pwconv([12])\.", r".fc\1."),
+]
+# timm: stem.(0 conv, 1 norm), stages.i.downsample.(0 norm, 1 conv), stages.i.blocks.j.(conv_dw,
+# norm, mlp.fc1, mlp.fc2, gamma), head.(norm, fc), norm_pre; small variants use 1x1 convs as MLP.
+_TIMM_RULES = [
+    (r"^stem\.0\.", "stem.conv."),
+    (r"^stem\.1\.", "stem.norm."),
+    (r"^stages\.(\d+)\.downsample\.0\.", r"stages.\1.downsample.norm."),
+    (r"^stages\.(\d+)\.downsample\.1\.", r"stages.\1.downsample.conv."),
+    (r"\.mlp\.fc([12])\.", r".fc\1."),
+]
+_CLASSIFIER = re.compile(r"^(head|norm|norm_pre|fc|classifier)\.")
+
+
+def _rename(key: str, rules: list[tuple[str, str]]) -> str:
+    for pattern, repl in rules:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ConvNeXt
+                         ) -> dict[str, torch.Tensor]:
+    """Map an official (facebookresearch) or timm ConvNeXt state dict to this module's keys.
+
+    Drops the classifier, the final norm and stages the model does not build (``out_indices``);
+    reshapes timm's 1x1-conv MLP weights (O, I, 1, 1) to Linear weights (O, I).  Kernels stay 2D
+    here: inflation to 3D and input-channel adaptation are done by ``backbones.pretrained``.
+    """
+    if any(k.startswith("visual.trunk.") for k in state_dict):  # open_clip wrapping a timm trunk
+        state_dict = {k[len("visual.trunk."):]: v for k, v in state_dict.items()
+                      if k.startswith("visual.trunk.")}
+    if any(k.startswith("downsample_layers.") for k in state_dict):
+        rules = _OFFICIAL_RULES
+    elif "stem.0.weight" in state_dict:
+        rules = _TIMM_RULES
+    else:
+        rules = []  # already in our layout
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        key = _rename(key, rules)
+        stage = re.match(r"^stages\.(\d+)\.", key)
+        if _CLASSIFIER.match(key) or (stage and int(stage.group(1)) >= len(model.stages)):
+            continue
+        if key in ours and ours[key].ndim == 2 and value.ndim == 4 and value.shape[2:] == (1, 1):
+            value = value.reshape(value.shape[:2])  # (O, I, 1, 1) -> (O, I)
+        out[key] = value
+    return out
+
+
+# --- variants ---------------------------------------------------------------------------------
+_OPTIONS = set(inspect.signature(ConvNeXt.__init__).parameters) - {"self", "depths", "dims"}
+
+
+def _create(spatial_dims: int, in_chans: int, depths: tuple[int, ...], dims: tuple[int, ...],
+            kwargs: dict[str, Any]) -> ConvNeXt:
+    for name in kwargs:
+        if name not in _OPTIONS:
+            raise ValueError(unknown_name_message("ConvNeXt option", name, _OPTIONS))
+    return ConvNeXt(spatial_dims, in_chans, depths=depths, dims=dims, **kwargs)
+
+
+@BACKBONES.register()
+def convnext_atto(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
+    return _create(spatial_dims, in_chans, (2, 2, 6, 2), (40, 80, 160, 320), kwargs)
+
+
+@BACKBONES.register()
+def convnext_femto(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
+    return _create(spatial_dims, in_chans, (2, 2, 6, 2), (48, 96, 192, 384), kwargs)
+
+
+@BACKBONES.register()
+def convnext_pico(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
+    return _create(spatial_dims, in_chans, (2, 2, 6, 2), (64, 128, 256, 512), kwargs)
+
+
+@BACKBONES.register()
+def convnext_nano(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
+    return _create(spatial_dims, in_chans, (2, 2, 8, 2), (80, 160, 320, 640), kwargs)
+
+
+@BACKBONES.register()
+def convnext_tiny(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
+    return _create(spatial_dims, in_chans, (3, 3, 9, 3), (96, 192, 384, 768), kwargs)
+
+
+@BACKBONES.register()
+def convnext_small(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
+    return _create(spatial_dims, in_chans, (3, 3, 27, 3), (96, 192, 384, 768), kwargs)
+
+
+@BACKBONES.register()
+def convnext_base(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
+    return _create(spatial_dims, in_chans, (3, 3, 27, 3), (128, 256, 512, 1024), kwargs)

@@ -1,0 +1,201 @@
+"""Contract tests for every registered backbone, and tests of the generic pretrained loader.
+
+Every name in ``backbones.list_backbones()`` is checked in 2D and 3D on small odd, non-cubic
+inputs: outputs match ``feature_info`` (names, order, channels, spatial size), every parameter gets
+a gradient, no NaNs, and the model's own state dict round-trips through ``load_pretrained``.
+Variants over ``HEAVY_PARAMS`` parameters (in 2D) are only built.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backbones import build_backbone, list_backbones
+from backbones.base import Backbone
+from backbones.pretrained import (adapt_input_conv, inflate_conv_weight, load_pretrained,
+                                  read_state_dict)
+from seg.errors import UserError
+
+HEAVY_PARAMS = 25_000_000
+SHAPES = {2: (1, 1, 45, 37), 3: (1, 1, 21, 27, 19)}
+NAMES = list_backbones()
+
+
+@functools.lru_cache(maxsize=None)
+def num_params_2d(name: str) -> int:
+    model = build_backbone(name, 2)
+    return sum(p.numel() for p in model.parameters())
+
+
+def light(name: str) -> str:
+    if num_params_2d(name) > HEAVY_PARAMS:
+        pytest.skip(f"{name}: {num_params_2d(name) / 1e6:.0f}M parameters, only built")
+    return name
+
+
+def expected_sizes(size: int, stride: int) -> set[int]:
+    """Spatial size of a stride-``stride`` feature: ceil or floor (the contract allows either)."""
+    return {math.ceil(size / stride), size // stride}
+
+
+def check_features(model: Backbone, x: torch.Tensor, feats: dict[str, torch.Tensor]) -> None:
+    dims = x.ndim - 2
+    assert model.spatial_dims == dims
+    assert list(feats) == model.feature_names(), "outputs must follow feature_info, fine to coarse"
+    prev = (1,) * dims
+    for info, (name, f) in zip(model.feature_info, feats.items()):
+        assert len(info.stride) == dims and all(s >= p for s, p in zip(info.stride, prev))
+        prev = info.stride
+        assert f.shape[:2] == (x.shape[0], info.channels), name
+        for axis, (size, stride) in enumerate(zip(x.shape[2:], info.stride)):
+            assert f.shape[2 + axis] in expected_sizes(size, stride), (name, f.shape, info)
+        assert torch.isfinite(f).all(), name
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("name", NAMES)
+def test_builds(name: str, dims: int) -> None:
+    model = build_backbone(name, dims, in_chans=2)
+    assert isinstance(model, Backbone) and model.spatial_dims == dims
+    assert len(model.feature_info) >= 1
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_matches_feature_info_and_grads(name: str, dims: int) -> None:
+    torch.manual_seed(0)
+    model = build_backbone(light(name), dims).eval()
+    x = torch.randn(SHAPES[dims], requires_grad=True)
+    feats = model(x)
+    check_features(model, x, feats)
+    sum(f.float().mean() for f in feats.values()).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f"parameters without gradient: {no_grad[:10]}"
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_train_mode_drop_path(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_backbone(light(name), 2, drop_path_rate=0.1).train()
+    x = torch.randn(2, 1, 45, 37)
+    feats = model(x)
+    check_features(model, x, feats)
+    sum(f.mean() for f in feats.values()).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all()
+               for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_own_state_dict_round_trips(name: str, tmp_path) -> None:
+    torch.manual_seed(0)
+    src = build_backbone(light(name), 2).eval()
+    path = tmp_path / "own.pth"
+    torch.save({"state_dict": src.state_dict(), "epoch": 3}, path)
+    dst = build_backbone(name, 2).eval()
+    load_pretrained(dst, path)
+    x = torch.randn(SHAPES[2])
+    with torch.no_grad():
+        a, b = src(x), dst(x)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    load_pretrained(build_backbone(name, 3), path)  # 2D weights must load into the 3D model
+
+
+# --- generic loader pieces ---------------------------------------------------------------------
+
+def test_inflate_center_and_mean() -> None:
+    w = torch.randn(5, 3, 3, 3)
+    c = inflate_conv_weight(w, 4, "center")
+    assert c.shape == (5, 3, 4, 3, 3)
+    assert torch.equal(c[:, :, 2], w) and c[:, :, [0, 1, 3]].abs().sum() == 0  # even: depth // 2
+    assert torch.equal(inflate_conv_weight(w, 7)[:, :, 3], w)
+    m = inflate_conv_weight(w, 3, "mean")
+    assert torch.allclose(m.sum(2), w) and torch.allclose(m[:, :, 0], m[:, :, 2])
+    with pytest.raises(ValueError, match="mode"):
+        inflate_conv_weight(w, 3, "bogus")
+
+
+@pytest.mark.parametrize("mode", ["center", "mean"])
+def test_inflated_conv_on_identical_slices(mode: str) -> None:
+    """Both modes reproduce the 2D conv on every slice where no depth padding is involved."""
+    w = torch.randn(4, 2, 3, 3)
+    img = torch.randn(1, 2, 9, 8)
+    vol = img.unsqueeze(2).expand(-1, -1, 6, -1, -1)  # (1, 2, 9, 8) -> (1, 2, 6, 9, 8)
+    out = F.conv3d(vol, inflate_conv_weight(w, 3, mode), padding=(0, 1, 1))
+    ref = F.conv2d(img, w, padding=1)
+    assert torch.allclose(out, ref.unsqueeze(2).expand_as(out), atol=1e-5)
+    if mode == "center":  # exact even with zero padding in depth
+        out = F.conv3d(vol, inflate_conv_weight(w, 3, mode), padding=1)
+        assert torch.allclose(out, ref.unsqueeze(2).expand_as(out), atol=1e-5)
+
+
+def test_adapt_input_conv() -> None:
+    w = torch.randn(6, 3, 4, 4)
+    x = torch.randn(2, 1, 8, 8)
+    one = adapt_input_conv(w, 1)
+    assert torch.allclose(F.conv2d(x, one), F.conv2d(x.repeat(1, 3, 1, 1), w), atol=1e-5)
+    five = adapt_input_conv(w, 5)
+    assert five.shape == (6, 5, 4, 4)
+    assert torch.allclose(five[:, :3], w * 3 / 5) and torch.allclose(five[:, 3:], w[:, :2] * 3 / 5)
+    six = adapt_input_conv(w, 6)  # in_chans a multiple of 3: same response to a constant image
+    ones = torch.ones(1, 3, 4, 4)
+    assert torch.allclose(F.conv2d(ones.repeat(1, 2, 1, 1), six), F.conv2d(ones, w), atol=1e-5)
+    assert adapt_input_conv(w, 3) is w
+
+
+def test_read_state_dict_unwraps(tmp_path) -> None:
+    sd = {"a.weight": torch.ones(2), "b": torch.zeros(1)}
+    torch.save({"model": {f"module.{k}": v for k, v in sd.items()}, "epoch": 1}, tmp_path / "m.pt")
+    assert read_state_dict(tmp_path / "m.pt").keys() == sd.keys()
+    torch.save({"state_dict": {f"_orig_mod.{k}": v for k, v in sd.items()}}, tmp_path / "s.pt")
+    assert read_state_dict(tmp_path / "s.pt").keys() == sd.keys()
+
+
+def test_safetensors(tmp_path) -> None:
+    st = pytest.importorskip("safetensors.torch")
+    model = build_backbone("convnext_atto", 2)
+    st.save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    report = load_pretrained(build_backbone("convnext_atto", 2), tmp_path / "w.safetensors")
+    assert report.loaded == len(model.state_dict())
+
+
+@pytest.mark.parametrize("content", [b"\x00garbage, not a pickle\xff" * 10, b""])
+def test_corrupt_file_is_user_error(tmp_path, content: bytes) -> None:
+    path = tmp_path / "broken.pth"
+    path.write_bytes(content)
+    with pytest.raises(UserError, match="broken.pth"):
+        load_pretrained(build_backbone("convnext_atto", 2), path)
+
+
+def test_not_a_checkpoint_and_missing_file(tmp_path) -> None:
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(UserError, match="list.pth"):
+        load_pretrained(build_backbone("convnext_atto", 2), tmp_path / "list.pth")
+    with pytest.raises(UserError, match="nope.pth"):
+        load_pretrained(build_backbone("convnext_atto", 2), tmp_path / "nope.pth")
+
+
+def test_missing_unexpected_and_misfit_keys_raise(tmp_path) -> None:
+    model = build_backbone("convnext_atto", 2)
+    sd = model.state_dict()
+    dropped = "stages.2.blocks.3.fc1.bias"
+    del sd[dropped]
+    sd["stages.1.blocks.0.extra.weight"] = torch.zeros(3)
+    sd["stages.0.blocks.0.gamma"] = torch.zeros(7)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(ValueError) as err:
+        load_pretrained(build_backbone("convnext_atto", 2), tmp_path / "bad.pth")
+    msg = str(err.value)
+    for part in ("bad.pth", dropped, "stages.1.blocks.0.extra.weight", "stages.0.blocks.0.gamma"):
+        assert part in msg
+
+
+def test_bad_inflate_mode(tmp_path) -> None:
+    with pytest.raises(ValueError, match="inflation mode"):
+        load_pretrained(build_backbone("convnext_atto", 3), tmp_path / "x.pth", inflate="middle")
