@@ -1,17 +1,20 @@
 #!/usr/bin/env python
 """Validation quality of our default model vs a MONAI UNet for the same wall-clock time.
 
-    python benchmarks/quality.py [--minutes 6] [--dims 3 2] [--set key=value ...]
+    python benchmarks/quality.py [--dims 3 2] [--ours-run runs/demo3d runs/demo2d] [--set key=value ...]
 
-Both models go through the very same training loop (seg.train.train: data, augmentation, loss
-CE + Dice, AdamW schedule, sliding-window validation on the demo's validation slabs), each for
-``--minutes`` of wall-clock time (train.max_minutes).  The MONAI UNet has channels 16-32-64-128,
+Ours is the default ``hparam.py`` model trained as ``python train_seg.py`` trains it (or a finished
+run of it, ``--ours-run``); the MONAI UNet then gets the same wall-clock time (``train.max_minutes``,
+with an iteration count sized so its LR schedule ends within it).  Both go through the very same
+training loop (seg.train.train: data, augmentation, loss CE + Dice, AdamW schedule, sliding-window
+validation on the demo's validation slabs).  The MONAI UNet has channels 16-32-64-128,
 strides 2, two residual units (a benchmark-only dependency).  Prints mean foreground Dice and
 Boundary IoU per class of the final validation.
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 import time
@@ -48,36 +51,70 @@ class MonaiUNet(nn.Module):
         return {"coarse_ce": ce, "coarse_dice": dice, "total": ce + dice}
 
 
-def run(name: str, dims: int, minutes: float, overrides: list[str], factory=None) -> dict:
-    cfg = apply_overrides(load_config(), [
-        f"data.spatial_dims={dims}", f"train.max_minutes={minutes}", "train.iterations=100000",
-        f"train.output_dir='runs/bench_quality/{name}_{dims}d'", *overrides])
+def run(name: str, dims: int, overrides: list[str], factory=None, minutes: float = 0.0,
+        iterations: int | None = None) -> dict:
+    sets = [f"data.spatial_dims={dims}", f"train.output_dir='runs/bench_quality/{name}_{dims}d'",
+            f"train.max_minutes={minutes}", *overrides]
+    if iterations:
+        sets.append(f"train.iterations={iterations}")
+    cfg = apply_overrides(load_config(), sets)
     t0 = time.time()
     res = train(cfg, progress=False, model_factory=factory)
     return {"name": name, "dims": dims, "iterations": res.iterations, "minutes": (time.time() - t0) / 60,
             **res.last_metrics}
 
 
+def from_run(folder: Path, dims: int) -> dict:
+    """The figures of a finished default run: its last validation and its training wall time."""
+    with open(folder / "train_log.csv") as f:
+        last = list(csv.DictReader(f))[-1]
+    with open(folder / "val_log.csv") as f:
+        val = list(csv.DictReader(f))[-1]
+    return {"name": "ours", "dims": dims, "iterations": int(last["iteration"]),
+            "minutes": float(last["seconds"]) / 60, **{k: float(v) for k, v in val.items()}}
+
+
+def step_seconds(dims: int, overrides: list[str], factory, steps: int = 12) -> float:
+    """Seconds per training step of ``factory``'s model in the real loop's data and step code."""
+    import datasets as ds
+    from seg.train import build_training, prepare_data, resolve_device, train_step
+
+    cfg = apply_overrides(load_config(), [f"data.spatial_dims={dims}", *overrides])
+    device = resolve_device(cfg.train.device)
+    data = prepare_data(cfg)
+    model, opt, sched, scaler = build_training(cfg, device, factory)
+    stream = iter(ds.build_train_loader(data.train_cases, cfg.data, cfg.train.batch_size, 0))
+    train_step(model, next(stream), opt, sched, scaler, cfg, device)  # warm-up
+    t0 = time.time()
+    for _ in range(steps):
+        train_step(model, next(stream), opt, sched, scaler, cfg, device)
+    return (time.time() - t0) / steps
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=6.0)
     ap.add_argument("--dims", type=int, nargs="+", default=[3, 2])
+    ap.add_argument("--ours-run", nargs="*", default=[],
+                    help="finished default runs to reuse, one per --dims, in the same order")
     ap.add_argument("--set", nargs="*", default=[], help="overrides applied to both runs")
     args = ap.parse_args()
-    rows = []
-    for dims in args.dims:
-        ours = run("ours", dims, args.minutes, args.set)
-        cfg = load_config()
-        unet = run("monai_unet", dims, args.minutes, args.set,
-                   factory=lambda c: MonaiUNet(c.data.spatial_dims, c.data.in_channels, c.data.num_classes))
-        rows += [ours, unet]
-        names = cfg.data.class_names[1:]
-        print(f"\n{dims}D, {args.minutes} min each, validation slabs:")
-        print("| model | iterations | " + " | ".join(f"Dice {n}" for n in names)
+    print("command: python " + " ".join(sys.argv), flush=True)
+    factory = lambda c: MonaiUNet(c.data.spatial_dims, c.data.in_channels, c.data.num_classes)  # noqa: E731
+    names = load_config().data.class_names[1:]
+    for i, dims in enumerate(args.dims):
+        ours = from_run(Path(args.ours_run[i]), dims) if i < len(args.ours_run) else \
+            run("ours", dims, args.set)
+        # Same wall-clock budget for the UNet; its schedule is sized to end within it (about 90 % of
+        # the budget spent in steps, the rest in validations), the budget being a hard stop as well.
+        budget_s = ours["minutes"] * 60
+        iters = max(1, int(0.9 * budget_s / step_seconds(dims, args.set, factory)))
+        unet = run("monai_unet", dims, args.set, factory, minutes=ours["minutes"], iterations=iters)
+        print(f"\n{dims}D, validation slabs, same wall-clock budget ({ours['minutes']:.1f} min):")
+        print("| model | iterations | minutes | " + " | ".join(f"Dice {n}" for n in names)
               + " | mean Dice | mean Boundary IoU |")
-        print("|---|---|" + "---|" * (len(names) + 2))
+        print("|---|---|---|" + "---|" * (len(names) + 2))
         for r in (ours, unet):
-            print(f"| {r['name']} | {r['iterations']} | "
+            print(f"| {r['name']} | {r['iterations']} | {r['minutes']:.1f} | "
                   + " | ".join(f"{r[f'dice/{n}']:.4f}" for n in names)
                   + f" | {r['dice/mean']:.4f} | {r['boundary_iou/mean']:.4f} |", flush=True)
 

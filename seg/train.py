@@ -126,7 +126,7 @@ def prepare_data(cfg: Any) -> DataBundle:
     else:
         train_cases, val_cases = ds.split_cases(cases, d.val_fraction, cfg.train.seed)
     for case in list(train_cases) + list(val_cases):
-        ds.check_case(case, d.num_classes, label_remap=d.label_remap)
+        ds.check_case(case, d.num_classes, label_remap=d.label_remap, data_cfg=d)
     val_data = [ds.load_case_arrays(c, d) for c in val_cases]
     log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
     return DataBundle(train_cases, val_cases, val_data)
@@ -147,7 +147,7 @@ def predict_case_logits(model: torch.nn.Module, image: np.ndarray, cfg: Any, dev
     d = cfg.data
     x = torch.from_numpy(np.ascontiguousarray(image)).float()
     kwargs = dict(overlap=cfg.train.val_overlap, batch_size=max(1, cfg.train.batch_size), device=device)
-    if d.spatial_dims == 3:
+    if d.spatial_dims == 3 or x.ndim == 3:  # 3D volumes, or native 2D images (C, X, Y)
         return sliding_window_inference(x[None], model, d.patch_size, **kwargs)[0]
     return predict_volume_2d(x, model, d.slice_axis, d.patch_size, **kwargs)
 
