@@ -1,9 +1,11 @@
 """The backbone contract shared by every architecture."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
+import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 
 class FeatureInfo(NamedTuple):
@@ -30,3 +32,14 @@ class Backbone(nn.Module):
 
     def feature_names(self) -> list[str]:
         return [f.name for f in self.feature_info]
+
+
+def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:
+    """Apply ``blocks`` in order; with ``grad_checkpointing`` (and autograd on) each block's activations
+    are recomputed in the backward pass instead of stored (3D memory)."""
+    for block in blocks:
+        if grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+    return x

@@ -25,13 +25,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from seg import ops
 from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo
+from .base import Backbone, FeatureInfo, run_blocks
 
 __all__ = ["ConvNeXt", "checkpoint_filter_fn", "pad_to_multiple"]
 
@@ -112,12 +111,7 @@ class Stage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+        return run_blocks(self.blocks, x, self.grad_checkpointing)
 
 
 def _stage_strides(strides: Sequence[Any], spatial_dims: int) -> list[tuple[int, ...]]:

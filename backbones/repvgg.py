@@ -29,14 +29,13 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 
 from seg.errors import ConfigError
 from seg.ops import DropPath, batch_norm, check_spatial_dims, conv, to_ntuple
 from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo
+from .base import Backbone, FeatureInfo, run_blocks
 
 #: Stage widths before the width multipliers (stage0 = stem; widths of stages 1..4).
 BASE_WIDTHS = (64, 128, 256, 512)
@@ -239,9 +238,7 @@ class RepVGG(Backbone):
         self.stages = nn.ModuleList(stages)
 
     def _block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-        return block(x)
+        return run_blocks([block], x, self.grad_checkpointing and self.training)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(N, C_in, *S) -> {"stage<i>": (N, C_i, *ceil(S / stride_i))} for i in out_indices."""

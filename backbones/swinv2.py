@@ -41,13 +41,12 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from seg.ops import DropPath, channels_first, channels_last, check_spatial_dims, conv, to_ntuple
 from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo
+from .base import Backbone, FeatureInfo, run_blocks
 
 __all__ = ["SwinTransformerV2", "checkpoint_filter_fn", "window_partition", "window_reverse",
            "relative_coords_table", "relative_position_index", "attention_mask"]
@@ -382,12 +381,7 @@ class SwinV2Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, *S, C_in) -> (B, *S', C), channels last."""
         x = self.downsample(x)
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+        return run_blocks(self.blocks, x, self.grad_checkpointing)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,3 +127,20 @@ def test_cli_module(folders):
     pred, ref, spacing, _ = _cases()["case_a"]
     row = next(csv.DictReader(open(out / "metrics_per_case.csv")))
     assert math.isclose(float(row["hd95"]), M.hd95(pred == 1, ref == 1, spacing), rel_tol=1e-5)
+
+
+def test_report_opens_in_headless_chromium(folders, tmp_path):
+    """The HTML report loads in a real browser with no console errors (skipped without Chromium)."""
+    from seg.browser_check import check_page, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("Chromium not installed (apt-get install chromium)")
+    out = folders / "report"
+    evaluate_folders(folders / "pred", folders / "label", out, image_dir=folders / "image", progress=False)
+    shot = tmp_path / "page.png"
+    assert check_page(out / "index.html", shot) == []
+    assert shot.stat().st_size > 10_000  # a real rendering, not a blank page
+    # the check can fail: a page with a missing picture reports it
+    broken = out / "broken.html"
+    broken.write_text('<html><body><img src="missing.png"><script>undefined_fn()</script></body></html>')
+    assert check_page(broken)
