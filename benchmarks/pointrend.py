@@ -141,16 +141,24 @@ def run_dims(dims: int, args: argparse.Namespace, device: torch.device) -> None:
     b = load_for_inference(without_pr, device)
     if a.model.point_head is None or b.model.point_head is not None:
         raise SystemExit(f"{with_pr} must have a point head and {without_pr} none")
-    ways = [("no point head", ModePredictor(b.model, "coarse"), b),
-            ("(a) coarse", ModePredictor(a.model, "coarse"), a),
-            ("(b) subdivision", ModePredictor(a.model, "subdivision"), a),
-            ("(c) dense", ModePredictor(a.model, "dense"), a)]
-    rows = {name: run_way(pred, bundle, cases, cfg, device) for name, pred, bundle in ways}
+    ways = [("no point head", ModePredictor(b.model, "coarse"), b, None),
+            ("(a) coarse", ModePredictor(a.model, "coarse"), a, None),
+            ("(b) subdivision", ModePredictor(a.model, "subdivision"), a, None),
+            ("(c) dense", ModePredictor(a.model, "dense"), a, None)]
+    ways += [(f"(b) subdivision, N={n}", ModePredictor(a.model, "subdivision"), a, n)
+             for n in args.points]
+    configured = a.model.pointrend["subdivision_num_points"]
+    rows = {}
+    for name, pred, bundle, points in ways:
+        if bundle.model.pointrend is not None:
+            bundle.model.pointrend["subdivision_num_points"] = points or configured
+        rows[name] = run_way(pred, bundle, cases, cfg, device)
+    a.model.pointrend["subdivision_num_points"] = configured
     it_a = torch.load(with_pr, map_location="cpu", weights_only=False)["iteration"]
     it_b = torch.load(without_pr, map_location="cpu", weights_only=False)["iteration"]
     print(f"\n{dims}D, {cfg.model.backbone} + {cfg.model.head}, {it_a} / {it_b} iterations "
           f"(with / without point head), {len(cases)} validation slabs, patch {a.patch_size}, "
-          f"overlap 0.5, device {device}")
+          f"overlap 0.5, device {device}; (b) uses N={configured or 'auto'} points per step unless named")
     print("| inference | mean Dice | mean Boundary IoU | mean HD95 (mm) | point evals / dense | time (s) "
           "| peak mem (MB) |")
     print("|---|---|---|---|---|---|---|")
@@ -174,6 +182,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--retrain", action="store_true", help="train even if a run folder exists")
     ap.add_argument("--set", nargs="*", default=[], help="config overrides for both runs")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--points", type=int, nargs="*", default=[8192, 4096, 2048],
+                    help="also run (b) with these subdivision budgets (points per step and window)")
     args = ap.parse_args(argv)
     if args.with_run and len(args.dims) != 1:
         ap.error("--with-run needs exactly one --dims")
