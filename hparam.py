@@ -62,7 +62,7 @@ class PointRendConfig:
     importance_sample_ratio: float = 0.75        # beta: share of N taken by uncertainty
     subdivision_steps: int | None = None         # None: until the input resolution is reached
     subdivision_num_points_2d: int = 8192        # points re-rendered per 2D subdivision step
-    subdivision_num_points_3d: int = 32768       # points re-rendered per 3D subdivision step
+    subdivision_num_points_3d: int = 4096        # points re-rendered per 3D subdivision step (benchmarks/pointrend.py)
     num_fc: int = 3                              # point head hidden layers
     fc_dim: int = 256                            # point head width
     coarse_pred_each_layer: bool = True          # re-concatenate coarse logits at every layer

@@ -1,7 +1,8 @@
 """Checks of one case before training: each problem is a one-line ``DataError`` naming the culprit file.
 
-SimpleITK reads a truncated NIfTI file (.nii or .nii.gz) without any error and silently turns NaN and
-infinite voxels of NIfTI files into 0, so NIfTI files are also read once with nibabel to catch both.
+SimpleITK may read a truncated NIfTI file (.nii or .nii.gz) without an error and silently turns NaN and
+infinite voxels of NIfTI files into 0, so NIfTI files are also read once with nibabel to catch both
+(``seg.io.verify_nifti``, which inference uses too).
 
 Tolerances for image/label geometry (headers store floats, often float32): spacing within a relative
 1e-3, origin within 5 % of the smallest voxel size, direction cosines within 1e-3.
@@ -13,9 +14,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-import nibabel as nib
-
 from seg import io
+from seg.io import check_finite, verify_nifti
 from seg.errors import DataError
 
 from datasets.arrays import check_channels, read_channels, read_label_raw, remap_labels
@@ -52,23 +52,6 @@ def check_case(case: Case, num_classes: int, label_remap: Mapping[int, int] | No
                        case.image)
 
 
-def verify_nifti(path: str | Path, what: str = "image") -> None:
-    """A NIfTI file's data is complete and finite (checks nothing for other formats).
-
-    Raises:
-        DataError: truncated or corrupt file, or NaN / infinite voxels.
-    """
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
-        return
-    try:
-        data = nib.load(str(path)).dataobj.get_unscaled()
-    except Exception as exc:  # nibabel raises ImageFileError, EOFError, OSError, zlib.error ...
-        detail = str(exc).splitlines()[0].replace(str(path), Path(path).name) if str(exc) else ""
-        raise DataError(f"cannot read the {what}: the file is truncated or corrupt "
-                        f"({type(exc).__name__}{': ' + detail if detail else ''})", path) from None
-    check_finite(data, path, what)
-
-
 def check_geometry(img: io.ImageMeta, lab: io.ImageMeta) -> None:
     """Label and image share dims, size, spacing, origin and direction (within tolerances)."""
     image_name = img.path or "the image"
@@ -92,15 +75,6 @@ def check_geometry(img: io.ImageMeta, lab: io.ImageMeta) -> None:
 
 def _fmt(values: Any) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
-
-
-def check_finite(image: np.ndarray, path: str | Path, what: str = "image") -> None:
-    """No NaN or infinite values in the array read from ``path``."""
-    if image.dtype.kind not in "fc":
-        return
-    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
-    if bad:
-        raise DataError(f"{what} has {bad} NaN or infinite voxel(s); fix or mask them before training", path)
 
 
 def label_values(label: np.ndarray) -> np.ndarray:

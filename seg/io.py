@@ -20,6 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
@@ -118,6 +119,32 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
     else:
         arr = arr.transpose(*range(d - 1, -1, -1))[None]
     return np.ascontiguousarray(arr), ImageMeta.from_sitk(img, path)
+
+
+def verify_nifti(path: str | Path, what: str = "image") -> None:
+    """A NIfTI file's data is complete and finite (checks nothing for other formats).
+
+    Raises:
+        DataError: truncated or corrupt file, or NaN / infinite voxels.
+    """
+    if not str(path).lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        data = nib.load(str(path)).dataobj.get_unscaled()
+    except Exception as exc:  # nibabel raises ImageFileError, EOFError, OSError, zlib.error ...
+        detail = str(exc).splitlines()[0].replace(str(path), Path(path).name) if str(exc) else ""
+        raise DataError(f"cannot read the {what}: the file is truncated or corrupt "
+                        f"({type(exc).__name__}{': ' + detail if detail else ''})", path) from None
+    check_finite(data, path, what)
+
+
+def check_finite(image: np.ndarray, path: str | Path, what: str = "image") -> None:
+    """No NaN or infinite values in the array read from ``path``."""
+    if image.dtype.kind not in "fc":
+        return
+    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+    if bad:
+        raise DataError(f"{what} has {bad} NaN or infinite voxel(s); fix or mask them before training", path)
 
 
 def _first_line(e: Exception) -> str:

@@ -157,6 +157,7 @@ def read_case(in_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tupl
     paths = [in_paths] if isinstance(in_paths, (str, os.PathLike)) else list(in_paths)
     arrays, meta = [], None
     for p in paths:
+        io.verify_nifti(p)  # SimpleITK may hide truncation and turns NaN into 0 in NIfTI files
         arr, m = io.read_image(p)
         if meta is not None and (m.size != meta.size or not np.allclose(m.spacing, meta.spacing, rtol=1e-4)):
             raise DataError(f"channel grid {m.size} @ {m.spacing} differs from {meta.path} "

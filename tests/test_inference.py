@@ -15,6 +15,7 @@ from monai.inferers import sliding_window_inference as monai_swi
 
 import infer_seg
 from seg import io, ops
+from seg.errors import DataError
 from seg.inference import (blend_weight, mirror_axes, predict_volume_2d, sliding_window_inference,
                            window_starts)
 from seg.predict import Predictor, find_cases, predict_folder
@@ -304,3 +305,16 @@ def test_cli_user_errors_are_one_line(tmp_path, caplog):
         rc = infer_seg.main(["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path / "no.pt")])
     assert rc == 2
     assert any("no.pt" in r.getMessage() for r in caplog.records)
+
+
+def test_read_case_refuses_nan_nifti(tmp_path):
+    """SimpleITK silently reads NaN voxels of a NIfTI file as 0: inference must refuse the file."""
+    from seg.predict import read_case
+
+    arr = np.zeros((6, 7, 8), np.float32)
+    arr[2, 3, 4] = np.nan
+    path = tmp_path / "nan_case.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
+    assert not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).any()  # the hazard
+    with pytest.raises(DataError, match="nan_case.nii.gz.*NaN"):
+        read_case(path)
