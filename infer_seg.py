@@ -73,12 +73,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace, class_names: list[str]) -> None:
+    """Evaluate the written predictions; ``class_names`` are the checkpoint's, background first."""
     from seg.evaluate import evaluate_folders
 
     inputs = [Path(p) for p in args.input]
     image_dir = inputs[0] if len(inputs) == 1 and inputs[0].is_dir() else None
     out = Path(args.output) / "evaluation"
-    evaluate_folders(args.output, args.labels, out, image_dir=image_dir, class_names=class_names)
+    evaluate_folders(args.output, args.labels, out, image_dir=image_dir, class_names=class_names[1:])
     log.info("evaluation written to %s", out)
 
 

@@ -318,3 +318,18 @@ def test_read_case_refuses_nan_nifti(tmp_path):
     assert not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).any()  # the hazard
     with pytest.raises(DataError, match="nan_case.nii.gz.*NaN"):
         read_case(path)
+
+
+def test_cli_labels_evaluates_with_foreground_class_names(case_folder, tmp_path, fake_checkpoint):
+    """--labels evaluates right after inference; report classes are the checkpoint's foreground names."""
+    import json
+
+    out, labels = tmp_path / "o3", tmp_path / "labels"
+    assert infer_seg.main(["-i", str(case_folder / "brain1.nrrd"), "-o", str(out), "-m", "x.pt"]) == 0
+    labels.mkdir()
+    (labels / "brain1.nrrd").write_bytes((out / "brain1.nrrd").read_bytes())  # prediction as reference
+    assert infer_seg.main(["-i", str(case_folder / "brain1.nrrd"), "-o", str(out), "-m", "x.pt",
+                           "--labels", str(labels)]) == 0
+    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    assert list(summary["classes"]) == ["fg"]
+    assert summary["classes"]["fg"]["dice"]["mean"] == 1.0
