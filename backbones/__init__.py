@@ -38,7 +38,7 @@ def build_backbone(name: str, spatial_dims: int, in_chans: int = 1, pretrained: 
 
 
 # Importing the architecture modules registers their variants.
-from . import convnext, repvgg, swinv2  # noqa: E402,F401
+from . import cmt, conv2former, convnext, repvgg, swinv2  # noqa: E402,F401
 from .repvgg import reparameterize_model  # noqa: E402,F401
 
 __all__ = ["BACKBONES", "Backbone", "FeatureInfo", "build_backbone", "list_backbones",
