@@ -81,7 +81,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     iterations: int = 1500                       # optimisation steps
-    batch_size: int = 2                          # patches per step
+    batch_size: int = 2                          # patches per step PER PROCESS (torchrun: global batch = N x this)
     lr: float = 2e-3                             # peak learning rate (AdamW)
     weight_decay: float = 0.05                   # AdamW weight decay
     warmup_iterations: int = 50                  # linear warm-up steps
@@ -95,6 +95,8 @@ class TrainConfig:
     output_dir: str = "runs/demo"                # checkpoints, logs, TensorBoard
     num_threads: int = 0                         # torch CPU threads; 0 = torch default
     max_minutes: float = 0.0                     # stop training after this wall-clock time (0 = off)
+    sync_batchnorm: bool = False                 # torchrun on GPUs: nn.SyncBatchNorm, BatchNorm stats over all processes (RepVGG, small batches)
+    dist_timeout_minutes: float = 30.0           # torchrun: a collective waiting longer than this fails the job
 
 
 @dataclass

@@ -7,6 +7,7 @@ Examples::
     python train_seg.py --set data.spatial_dims=2
     python train_seg.py --set model.backbone=repvgg_a0 model.head=mask train.iterations=500
     python train_seg.py --resume runs/demo/last.pt
+    torchrun --nproc_per_node=4 train_seg.py --set train.batch_size=2   # DDP, 4 processes (README)
 """
 from __future__ import annotations
 
@@ -32,8 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # torchrun: only rank 0 logs and prints
+    prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"{prefix}%(levelname)s %(name)s: %(message)s")
     from seg.config import apply_overrides, load_config
+    from seg.distributed import RankFailure
     from seg.errors import UserError
     from seg.train import train
 
@@ -43,8 +48,13 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError) as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prefix}error: {exc}", file=sys.stderr)
         return 2
+    except RankFailure as exc:  # another process failed (its own traceback is in its output)
+        print(f"{prefix}error: {exc}", file=sys.stderr)
+        return 1
+    if rank != 0:
+        return 0
     print(f"done: {result.iterations} iterations, best mean validation Dice {result.best_dice:.4f}; "
           f"checkpoints in {result.output_dir}/ (best.pt, last.pt)")
     return 0

@@ -116,6 +116,7 @@ def validate_config(cfg: Any) -> None:
         (t.schedule in ("cosine", "poly"), f"train.schedule must be cosine or poly, got {t.schedule!r}"),
         (0.0 <= t.val_overlap < 1.0, "train.val_overlap must be in [0, 1)"),
         (t.val_every > 0, "train.val_every must be > 0"),
+        (t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be > 0"),
         (0 < m.pointrend.oversample_ratio and 0 <= m.pointrend.importance_sample_ratio <= 1,
          "model.pointrend: oversample_ratio must be > 0 and importance_sample_ratio in [0, 1]"),
     ]

@@ -4,6 +4,14 @@ Determinism and resume: the run is cut into segments of ``train.val_every`` iter
 of every segment all random generators are re-seeded from (seed, iteration) and a fresh data loader is
 built, and a checkpoint is written at the end of every segment.  A run resumed from such a checkpoint
 therefore replays exactly the iterations an uninterrupted run would have made.
+
+Distributed (``torchrun --nproc_per_node=N train_seg.py``, see ``seg.distributed``): every process
+trains on its own shard of the training cases with its own seed (``rank_seed``; rank 0 keeps the
+single-process seed), gradients are averaged by DistributedDataParallel, validation cases are dealt
+round robin and their metrics gathered, and only rank 0 logs and writes checkpoints.  Checkpoints hold
+the unwrapped model, and the segment re-seeding above is per rank, so a run can resume on a different
+number of processes (it then continues with the new number's data streams, not the old ones).
+``train.batch_size`` is per process.  Without torchrun nothing of this runs.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from seg import distributed as distr
 from seg.checkpoint import atomic_torch_save, load_checkpoint, model_config_from, preprocessing_from
 from seg.errors import ConfigError, UserError
 
@@ -61,8 +70,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and torch.cuda.is_available():  # as many devices as are visible now
+        for i, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
 
 
 def lr_lambda(cfg_train: Any) -> Any:
@@ -109,11 +119,12 @@ class CsvLog:
 class DataBundle:
     train_cases: list
     val_cases: list
-    val_data: list
+    val_data: list              # preloaded validation volumes of this process (all of them on one)
+    val_index: list[int] | None = None  # their positions in val_cases (None: all, in order)
 
 
-def prepare_data(cfg: Any) -> DataBundle:
-    """Find, pair, check and split cases; preload validation volumes."""
+def prepare_data(cfg: Any, ctx: distr.DistContext | None = None) -> DataBundle:
+    """Find, pair, check and split cases; preload this process's share of the validation volumes."""
     import datasets as ds
 
     d = cfg.data
@@ -127,9 +138,12 @@ def prepare_data(cfg: Any) -> DataBundle:
         train_cases, val_cases = ds.split_cases(cases, d.val_fraction, cfg.train.seed)
     for case in list(train_cases) + list(val_cases):
         ds.check_case(case, d.num_classes, label_remap=d.label_remap, data_cfg=d)
-    val_data = [ds.load_case_arrays(c, d) for c in val_cases]
-    log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
-    return DataBundle(train_cases, val_cases, val_data)
+    ctx = ctx or distr.DistContext()
+    val_index = distr.shard(range(len(val_cases)), ctx.rank, ctx.world_size)
+    val_data = [ds.load_case_arrays(val_cases[i], d) for i in val_index]
+    if ctx.is_main:
+        log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
+    return DataBundle(train_cases, val_cases, val_data, val_index)
 
 
 def batches(cfg: Any, cases: list, seed: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -152,20 +166,32 @@ def predict_case_logits(model: torch.nn.Module, image: np.ndarray, cfg: Any, dev
     return predict_volume_2d(x, model, d.slice_axis, d.patch_size, **kwargs)
 
 
-def validate(model: torch.nn.Module, data: DataBundle, cfg: Any, device: torch.device
-             ) -> dict[str, float]:
-    """Dice and Boundary IoU per foreground class on the validation volumes, and their means."""
+def validate(model: torch.nn.Module, data: DataBundle, cfg: Any, device: torch.device,
+             ctx: distr.DistContext | None = None) -> dict[str, float]:
+    """Dice and Boundary IoU per foreground class on the validation volumes, and their means.
+
+    Distributed: each process evaluates its share of the cases, the per-case results are gathered
+    and reduced in case order on every rank, so all ranks return what one process would.
+    """
     from seg.metrics import MetricAccumulator, evaluate_case
 
+    ctx = ctx or distr.DistContext()
     model.eval()
-    acc = MetricAccumulator()
     labels = list(range(1, cfg.data.num_classes))
-    for case in tqdm(data.val_data, desc="validate", leave=False, dynamic_ncols=True):
-        logits = predict_case_logits(model, case.image, cfg, device)
-        pred = logits.argmax(0).numpy().astype(np.int64)
-        acc.add(case.name, evaluate_case(pred, case.label, case.spacing, labels,
-                                         metrics=("dice", "boundary_iou")))
+    index = data.val_index if data.val_index is not None else list(range(len(data.val_data)))
+    results = []
+    with ctx.guard("validation"):
+        for i, case in zip(index, tqdm(data.val_data, desc="validate", leave=False, dynamic_ncols=True,
+                                       disable=not ctx.is_main)):
+            logits = predict_case_logits(model, case.image, cfg, device)
+            pred = logits.argmax(0).numpy().astype(np.int64)
+            results.append((i, case.name, evaluate_case(pred, case.label, case.spacing, labels,
+                                                        metrics=("dice", "boundary_iou"))))
     model.train()
+    acc = MetricAccumulator()
+    for _, name, result in sorted((r for part in ctx.all_gather_object(results) for r in part),
+                                  key=lambda r: r[0]):
+        acc.add(name, result)
     summary = acc.summary()
     out: dict[str, float] = {}
     for lab in labels:
@@ -234,13 +260,37 @@ def use_amp(cfg: Any, device: torch.device) -> bool:
     return bool(cfg.train.amp) and device.type == "cuda"
 
 
-def train_step(model, batch, optimizer, scheduler, scaler, cfg, device) -> dict[str, float]:
-    """One optimisation step; returns the loss terms as floats."""
+class TrainForward(torch.nn.Module):
+    """``forward_train`` and ``loss`` as one ``forward``: DistributedDataParallel synchronises the
+    gradients of what runs through the forward of the module it wraps."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.model.loss(self.model.forward_train(images, labels), labels)
+
+
+def forward_losses(model, batch, cfg, device) -> dict[str, torch.Tensor]:
+    """The loss terms of ``batch``; ``model`` is the model or its DDP-wrapped ``TrainForward``."""
     images = batch["image"].to(device, non_blocking=True).float()
     labels = batch["label"].to(device, non_blocking=True).long()
     with torch.autocast(device.type, enabled=use_amp(cfg, device)):
-        out = model.forward_train(images, labels)
-        losses = model.loss(out, labels)
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            return model(images, labels)
+        return model.loss(model.forward_train(images, labels), labels)
+
+
+def optimise(losses, model, optimizer, scheduler, scaler, cfg,
+             ctx: distr.DistContext | None = None) -> dict[str, float]:
+    """Backward and optimiser step; returns the loss terms as floats (the mean over processes).
+
+    A non-finite loss stops training before the step, on every rank at once (the mean is shared).
+    """
+    values = (ctx or distr.DistContext()).mean({k: float(v.detach()) for k, v in losses.items()})
+    if not math.isfinite(values["total"]):
+        raise RuntimeError(f"training loss became {values['total']} at this step: {values}")
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["total"]).backward()
     if cfg.train.grad_clip > 0:
@@ -249,83 +299,124 @@ def train_step(model, batch, optimizer, scheduler, scaler, cfg, device) -> dict[
     scaler.step(optimizer)
     scaler.update()
     scheduler.step()
-    values = {k: float(v.detach()) for k, v in losses.items()}
-    if not math.isfinite(values["total"]):
-        raise RuntimeError(f"training loss became {values['total']} at this step: {values}")
     return values
+
+
+def train_step(model, batch, optimizer, scheduler, scaler, cfg, device,
+               ctx: distr.DistContext | None = None) -> dict[str, float]:
+    """One optimisation step; returns the loss terms as floats (averaged over processes).
+
+    ``model`` is the model, or (distributed) ``wrap_model(TrainForward(model))``.  An exception in
+    the forward on any rank stops every rank (``DistContext.guard``) before the gradient all-reduce.
+    """
+    ctx = ctx or distr.DistContext()
+    with ctx.guard("the training step"):
+        losses = forward_losses(model, batch, cfg, device)
+    return optimise(losses, model, optimizer, scheduler, scaler, cfg, ctx)
 
 
 def train(cfg: Any, resume: str | None = None, progress: bool = True, model_factory: Any = None,
           stop_after: int | None = None) -> TrainResult:
-    """Train ``cfg`` (an hparam ``Config``).
+    """Train ``cfg`` (an hparam ``Config``), on one process or, under torchrun, on all of them.
 
     Args:
         cfg: the configuration (``hparam.Config``).
-        resume: path of a checkpoint to continue from.
-        progress: show a tqdm bar.
+        resume: path of a checkpoint to continue from (readable by every process).
+        progress: show a tqdm bar (rank 0 only).
         model_factory: optional ``f(cfg) -> model`` replacing the registry-built model.
         stop_after: stop after this iteration as if interrupted (tests of resume).
     """
-    from torch.utils.tensorboard import SummaryWriter
-
     cfg.validate()
     t = cfg.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
-    device = resolve_device(t.device)
+    ctx = distr.setup(resolve_device(t.device), t.dist_timeout_minutes)
+    try:
+        return _train(cfg, ctx, resume, progress, model_factory, stop_after)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool, model_factory: Any,
+           stop_after: int | None) -> TrainResult:
+    from torch.utils.tensorboard import SummaryWriter
+
+    t, device = cfg.train, ctx.device
     seed_everything(t.seed)
-    data = prepare_data(cfg)
+    with ctx.guard("data preparation"):
+        data = prepare_data(cfg, ctx)
+        train_cases = distr.train_shard(data.train_cases, ctx.rank, ctx.world_size)
     out_dir = Path(t.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model, optimizer, scheduler, scaler = build_training(cfg, device, model_factory)
-    start, best = 0, -1.0
-    if resume:
-        start, best = restore(resume, model, optimizer, scheduler, scaler)
-        log.info("resumed from %s at iteration %d", resume, start)
-    writer = SummaryWriter(str(out_dir / "tensorboard"))
-    train_csv = CsvLog(out_dir / "train_log.csv", ["iteration", "total", "coarse_ce", "coarse_dice",
-                                                   "point", "lr", "seconds"])
-    val_fields = ["iteration"] + [f"{m}/{n}" for m in ("dice", "boundary_iou")
-                                  for n in cfg.data.class_names[1:] + ["mean"]]
-    val_csv = CsvLog(out_dir / "val_log.csv", val_fields)
+    with ctx.guard("model set-up"):
+        if ctx.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        model, optimizer, scheduler, scaler = build_training(cfg, device, model_factory)
+        if t.sync_batchnorm:
+            model = distr.convert_sync_batchnorm(model, ctx)
+        start, best = 0, -1.0
+        if resume:
+            start, best = restore(resume, model, optimizer, scheduler, scaler)
+            if ctx.is_main:
+                log.info("resumed from %s at iteration %d", resume, start)
+    step_model = distr.wrap_model(TrainForward(model), ctx) if ctx.distributed else model
+    writer = train_csv = val_csv = None
+    if ctx.is_main:
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+        train_csv = CsvLog(out_dir / "train_log.csv", ["iteration", "total", "coarse_ce", "coarse_dice",
+                                                       "point", "lr", "seconds"])
+        val_fields = ["iteration"] + [f"{m}/{n}" for m in ("dice", "boundary_iou")
+                                      for n in cfg.data.class_names[1:] + ["mean"]]
+        val_csv = CsvLog(out_dir / "val_log.csv", val_fields)
     metrics: dict[str, float] = {}
     t0 = time.time()
-    bar = tqdm(total=t.iterations, initial=start, desc="train", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=t.iterations, initial=start, desc="train", disable=not (progress and ctx.is_main),
+               dynamic_ncols=True)
     it, stream = start, None
     model.train()
     while it < t.iterations:
-        if stream is None or it % t.val_every == 0:
-            seed_everything(segment_seed(t.seed, it))
-            stream = batches(cfg, data.train_cases, segment_seed(t.seed, it))
-        values = train_step(model, next(stream), optimizer, scheduler, scaler, cfg, device)
+        if stream is None or it % t.val_every == 0:  # a new segment: re-seed (per rank)
+            seed = distr.rank_seed(segment_seed(t.seed, it), ctx.rank)
+            seed_everything(seed)
+            stream = batches(cfg, train_cases, seed)
+        # an exception on any rank stops them all (two guards: DDP's forward has its own collectives)
+        with ctx.guard(f"loading the batch of iteration {it + 1}"):
+            batch = next(stream)
+        with ctx.guard(f"iteration {it + 1}"):
+            losses = forward_losses(step_model, batch, cfg, device)
+        values = optimise(losses, model, optimizer, scheduler, scaler, cfg, ctx)
         it += 1
         values.update(iteration=it, lr=scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 2))
-        train_csv.write(values)
-        for k in ("total", "coarse_ce", "coarse_dice", "point"):
-            if k in values:
-                writer.add_scalar(f"loss/{k}", values[k], it)
+        if ctx.is_main:
+            train_csv.write(values)
+            for k in ("total", "coarse_ce", "coarse_dice", "point"):
+                if k in values:
+                    writer.add_scalar(f"loss/{k}", values[k], it)
         bar.update(1)
         bar.set_postfix(loss=f"{values['total']:.3f}", dice=f"{metrics.get('dice/mean', float('nan')):.3f}")
-        out_of_time = t.max_minutes > 0 and (time.time() - t0) / 60 >= t.max_minutes
+        out_of_time = t.max_minutes > 0 and ctx.any((time.time() - t0) / 60 >= t.max_minutes)
         if it % t.val_every == 0 or it == t.iterations or out_of_time:
-            metrics = validate(model, data, cfg, device)
-            val_csv.write({"iteration": it, **metrics})
-            for k, v in metrics.items():
-                writer.add_scalar(f"val/{k}", v, it)
-            state = checkpoint_state(cfg, model, optimizer, scheduler, scaler, it, best)
-            if metrics["dice/mean"] > best:
-                best = metrics["dice/mean"]
-                state["best"] = best
-                atomic_torch_save(state, out_dir / "best.pt")
-            atomic_torch_save(state, out_dir / "last.pt")
-            log_metrics(it, metrics, cfg.data.class_names)
+            metrics = validate(model, data, cfg, device, ctx)
+            with ctx.guard("writing checkpoints"):  # rank 0 writes, the others wait here
+                if ctx.is_main:
+                    val_csv.write({"iteration": it, **metrics})
+                    for k, v in metrics.items():
+                        writer.add_scalar(f"val/{k}", v, it)
+                    state = checkpoint_state(cfg, model, optimizer, scheduler, scaler, it, best)
+                    if metrics["dice/mean"] > best:
+                        state["best"] = metrics["dice/mean"]
+                        atomic_torch_save(state, out_dir / "best.pt")
+                    atomic_torch_save(state, out_dir / "last.pt")
+                    log_metrics(it, metrics, cfg.data.class_names)
+            best = max(best, metrics["dice/mean"])
         if out_of_time:
-            log.info("stopping after %.1f minutes (train.max_minutes)", t.max_minutes)
+            if ctx.is_main:
+                log.info("stopping after %.1f minutes (train.max_minutes)", t.max_minutes)
             break
         if stop_after is not None and it >= stop_after:
             break
     bar.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
     return TrainResult(out_dir, it, best, metrics)
 
 
