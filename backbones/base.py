@@ -43,3 +43,27 @@ def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, grad_checkpointing:
         else:
             x = block(x)
     return x
+
+
+class StagedBackbone(Backbone):
+    """A backbone made of ``self.stem`` then ``self.stages`` (each with a ``grad_checkpointing`` flag),
+    outputting the stages listed in ``self.out_indices`` as ``stage<i>``."""
+
+    stem: nn.Module
+    stages: nn.ModuleList
+    out_indices: Sequence[int]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every block during backward (saves activation memory, costs compute)."""
+        for stage in self.stages:
+            stage.grad_checkpointing = bool(enable)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, in_chans, *S) -> ordered dict of (N, C_i, *ceil(S / stride_i)), fine to coarse."""
+        x = self.stem(x)
+        features: dict[str, torch.Tensor] = {}
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                features[f"stage{i}"] = x
+        return features

@@ -52,7 +52,7 @@ from seg import ops
 from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo
+from .base import Backbone, FeatureInfo, StagedBackbone
 from .convnext import _check_out_indices, pad_to_multiple
 
 __all__ = ["CMT", "CMTBlock", "LightweightAttention", "RelativePositionBias",
@@ -309,7 +309,7 @@ def _per_axis(values: Any, count: int, spatial_dims: int, what: str) -> list[tup
     return out
 
 
-class CMT(Backbone):
+class CMT(StagedBackbone):
     """CMT feature extractor for (N, in_chans, H, W) or (N, in_chans, D, H, W) inputs.
 
     Args:
@@ -371,21 +371,6 @@ class CMT(Backbone):
                 self.feature_info.append(FeatureInfo(f"stage{i}", dims[i], totals[i]))
         self.apply(_init_weights)
         self.set_grad_checkpointing(grad_checkpointing)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every block during backward (saves activation memory, costs compute)."""
-        for stage in self.stages:
-            stage.grad_checkpointing = bool(enable)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(N, in_chans, *S) -> ordered dict of (N, C_i, *ceil(S / stride_i)), fine to coarse."""
-        x = self.stem(x)
-        features: dict[str, torch.Tensor] = {}
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                features[f"stage{i}"] = x
-        return features
 
 
 def _init_weights(module: nn.Module) -> None:

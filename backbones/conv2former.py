@@ -42,7 +42,7 @@ from seg import ops
 from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo
+from .base import Backbone, FeatureInfo, StagedBackbone
 from .convnext import Downsample, Stage, Stem, _check_out_indices, _init_weights, _stage_strides
 
 __all__ = ["Conv2Former", "Conv2FormerBlock", "ConvMod", "checkpoint_filter_fn"]
@@ -109,7 +109,7 @@ def _check_kernel(kernel_size: Any, spatial_dims: int) -> tuple[int, ...]:
     return k
 
 
-class Conv2Former(Backbone):
+class Conv2Former(StagedBackbone):
     """Conv2Former feature extractor for (N, in_chans, H, W) or (N, in_chans, D, H, W) inputs.
 
     Args:
@@ -162,21 +162,6 @@ class Conv2Former(Backbone):
                 self.feature_info.append(FeatureInfo(f"stage{i}", dims[i], total))
         self.apply(_init_weights)
         self.set_grad_checkpointing(grad_checkpointing)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every block during backward (saves activation memory, costs compute)."""
-        for stage in self.stages:
-            stage.grad_checkpointing = bool(enable)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(N, in_chans, *S) -> ordered dict of (N, C_i, *ceil(S / stride_i)), fine to coarse."""
-        x = self.stem(x)
-        features: dict[str, torch.Tensor] = {}
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                features[f"stage{i}"] = x
-        return features
 
 
 _CLASSIFIER = re.compile(r"^(head|norm|norm_pre|fc|classifier)\.")

@@ -30,7 +30,7 @@ from seg import ops
 from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo, run_blocks
+from .base import Backbone, FeatureInfo, run_blocks, StagedBackbone
 
 __all__ = ["ConvNeXt", "checkpoint_filter_fn", "pad_to_multiple"]
 
@@ -124,7 +124,7 @@ def _stage_strides(strides: Sequence[Any], spatial_dims: int) -> list[tuple[int,
     return out
 
 
-class ConvNeXt(Backbone):
+class ConvNeXt(StagedBackbone):
     """ConvNeXt feature extractor for (N, in_chans, H, W) or (N, in_chans, D, H, W) inputs.
 
     Args:
@@ -177,21 +177,6 @@ class ConvNeXt(Backbone):
                 self.feature_info.append(FeatureInfo(f"stage{i}", dims[i], total))
         self.apply(_init_weights)
         self.set_grad_checkpointing(grad_checkpointing)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute every block during backward (saves activation memory, costs compute)."""
-        for stage in self.stages:
-            stage.grad_checkpointing = bool(enable)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(N, in_chans, *S) -> ordered dict of (N, C_i, *ceil(S / stride_i)), fine to coarse."""
-        x = self.stem(x)
-        features: dict[str, torch.Tensor] = {}
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                features[f"stage{i}"] = x
-        return features
 
 
 def _check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
