@@ -231,3 +231,20 @@ def test_2d_weights_in_3d_reproduce_2d_on_identical_slices(tmp_path) -> None:
                 for k in f2)
     print(f"CMT 2D->3D on identical slices: max rel diff {worst:.2e}")
     assert worst < 1e-5
+
+
+def test_trains_through_the_application(tmp_path) -> None:
+    """Three iterations of the real training loop on tiny synthetic volumes, with validation."""
+    import numpy as np
+
+    from seg.config import apply_overrides
+    from seg.train import train
+    from tests.test_train import tiny_config, write_case
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_case(tmp_path / "ds", f"case{i}", rng)
+    cfg = apply_overrides(tiny_config(tmp_path / "ds", tmp_path / "run", 3),
+                          ["model.backbone=cmt_ti"])
+    res = train(cfg, progress=False)
+    assert res.iterations == 3 and 0.0 <= res.last_metrics["dice/mean"] <= 1.0
