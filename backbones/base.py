@@ -1,11 +1,14 @@
 """The backbone contract shared by every architecture."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+import inspect
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
+
+from seg.registry import unknown_name_message
 
 
 class FeatureInfo(NamedTuple):
@@ -67,3 +70,13 @@ class StagedBackbone(Backbone):
             if i in self.out_indices:
                 features[f"stage{i}"] = x
         return features
+
+
+def build_checked(cls: type, family: str, fixed: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
+    """``cls(**fixed, **kwargs)`` for a registered variant: the variant's ``fixed`` arguments, then the
+    user's options; an option that is not a constructor argument gets a "did you mean" ValueError."""
+    options = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    for name in kwargs:
+        if name not in options:
+            raise ValueError(unknown_name_message(f"{family} option", name, options))
+    return cls(**{**fixed, **kwargs})

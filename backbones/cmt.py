@@ -38,7 +38,6 @@ zero depth column.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import re
 from typing import Any, Sequence
@@ -49,10 +48,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from seg import ops
-from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo, StagedBackbone
+from .base import FeatureInfo, StagedBackbone, build_checked
 from .convnext import _check_out_indices, pad_to_multiple
 
 __all__ = ["CMT", "CMTBlock", "LightweightAttention", "RelativePositionBias",
@@ -410,15 +408,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: CMT
 
 
 # --- variants (the paper's Table 1) -------------------------------------------------------------
-_OPTIONS = set(inspect.signature(CMT.__init__).parameters) - {"self", "spatial_dims", "in_chans"}
 
 
 def _create(spatial_dims: int, in_chans: int, defaults: dict[str, Any], kwargs: dict[str, Any]
             ) -> CMT:
-    for name in kwargs:
-        if name not in _OPTIONS:
-            raise ValueError(unknown_name_message("CMT option", name, _OPTIONS))
-    return CMT(spatial_dims, in_chans, **{**defaults, **kwargs})
+    return build_checked(CMT, "CMT", dict(spatial_dims=spatial_dims, in_chans=in_chans, **defaults), kwargs)
 
 
 @BACKBONES.register()

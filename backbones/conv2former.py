@@ -31,7 +31,6 @@ unbuilt stages.
 """
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Any, Sequence
 
@@ -39,10 +38,9 @@ import torch
 import torch.nn as nn
 
 from seg import ops
-from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo, StagedBackbone
+from .base import FeatureInfo, StagedBackbone, build_checked
 from .convnext import Downsample, Stage, Stem, _check_out_indices, _init_weights, _stage_strides
 
 __all__ = ["Conv2Former", "Conv2FormerBlock", "ConvMod", "checkpoint_filter_fn"]
@@ -184,15 +182,12 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Conv2Former
 
 
 # --- variants (widths and depths of the paper's Table 1; MLP ratio 4, k = 11) ------------------
-_OPTIONS = set(inspect.signature(Conv2Former.__init__).parameters) - {"self", "depths", "dims"}
 
 
 def _create(spatial_dims: int, in_chans: int, depths: tuple[int, ...], dims: tuple[int, ...],
             kwargs: dict[str, Any]) -> Conv2Former:
-    for name in kwargs:
-        if name not in _OPTIONS:
-            raise ValueError(unknown_name_message("Conv2Former option", name, _OPTIONS))
-    return Conv2Former(spatial_dims, in_chans, depths=depths, dims=dims, **kwargs)
+    fixed = dict(spatial_dims=spatial_dims, in_chans=in_chans, depths=depths, dims=dims)
+    return build_checked(Conv2Former, "Conv2Former", fixed, kwargs)
 
 
 @BACKBONES.register()

@@ -18,7 +18,6 @@ s, so a feature of stride ``s`` has spatial size ``ceil(input / s)`` on every ax
 """
 from __future__ import annotations
 
-import inspect
 import re
 from typing import Any, Sequence
 
@@ -27,10 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg import ops
-from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo, run_blocks, StagedBackbone
+from .base import FeatureInfo, run_blocks, StagedBackbone, build_checked
 
 __all__ = ["ConvNeXt", "checkpoint_filter_fn", "pad_to_multiple"]
 
@@ -257,15 +255,12 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ConvNeXt
 
 
 # --- variants ---------------------------------------------------------------------------------
-_OPTIONS = set(inspect.signature(ConvNeXt.__init__).parameters) - {"self", "depths", "dims"}
 
 
 def _create(spatial_dims: int, in_chans: int, depths: tuple[int, ...], dims: tuple[int, ...],
             kwargs: dict[str, Any]) -> ConvNeXt:
-    for name in kwargs:
-        if name not in _OPTIONS:
-            raise ValueError(unknown_name_message("ConvNeXt option", name, _OPTIONS))
-    return ConvNeXt(spatial_dims, in_chans, depths=depths, dims=dims, **kwargs)
+    fixed = dict(spatial_dims=spatial_dims, in_chans=in_chans, depths=depths, dims=dims)
+    return build_checked(ConvNeXt, "ConvNeXt", fixed, kwargs)
 
 
 @BACKBONES.register()

@@ -33,7 +33,6 @@ volumes.
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 import re
 from typing import Any, Sequence
@@ -43,10 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from seg.ops import DropPath, channels_first, channels_last, check_spatial_dims, conv, to_ntuple
-from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo, run_blocks
+from .base import Backbone, FeatureInfo, run_blocks, build_checked
 
 __all__ = ["SwinTransformerV2", "checkpoint_filter_fn", "window_partition", "window_reverse",
            "relative_coords_table", "relative_position_index", "attention_mask"]
@@ -580,17 +578,13 @@ def _to_3d(state_dict: dict[str, torch.Tensor], model: SwinTransformerV2
 # ----------------------------------------------------------------------------------------------
 # Variants
 # ----------------------------------------------------------------------------------------------
-_OPTIONS = [p for p in inspect.signature(SwinTransformerV2.__init__).parameters
-            if p not in ("self", "spatial_dims", "in_chans")]
 
 
 def _create(spatial_dims: int, in_chans: int, defaults: dict[str, Any], kwargs: dict[str, Any]
             ) -> SwinTransformerV2:
     """Build with the variant's defaults, overridden by ``kwargs`` (unknown names: did you mean)."""
-    for name in kwargs:
-        if name not in _OPTIONS:
-            raise ValueError(unknown_name_message("swinv2 option", name, _OPTIONS))
-    return SwinTransformerV2(spatial_dims, in_chans, **{**defaults, **kwargs})
+    fixed = dict(spatial_dims=spatial_dims, in_chans=in_chans, **defaults)
+    return build_checked(SwinTransformerV2, "swinv2", fixed, kwargs)
 
 
 @BACKBONES.register()

@@ -19,7 +19,6 @@ import csv
 import dataclasses
 import logging
 import math
-import os
 import random
 import time
 from pathlib import Path
