@@ -66,6 +66,7 @@ class PointRendConfig:
     num_fc: int = 3                              # point head hidden layers
     fc_dim: int = 256                            # point head width
     coarse_pred_each_layer: bool = True          # re-concatenate coarse logits at every layer
+    image_features: str = "neighbourhood"        # input intensities fed to the point head: 'none' (as detectron2), 'point', 'neighbourhood' (point + 1-voxel face neighbours)
 
 
 @dataclass

@@ -205,9 +205,24 @@ def _check_fit(state_dict: dict[str, torch.Tensor], model: nn.Module, path: str)
                          + "; ".join(problems))
 
 
+def backbone_part(state_dict: dict[str, torch.Tensor], model: nn.Module
+                  ) -> dict[str, torch.Tensor]:
+    """The ``backbone.`` entries of a whole segmentation model's state dict (one of our training
+    checkpoints: backbone + coarse head + point head), prefix removed; other dicts unchanged."""
+    prefix = "backbone."
+    if any(k.startswith(prefix) for k in state_dict) and \
+            not any(k.startswith(prefix) for k in model.state_dict()):
+        return {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    return state_dict
+
+
 def load_pretrained(model: nn.Module, path: str | os.PathLike, inflate: str = "center"
                     ) -> LoadReport:
     """Load a checkpoint in an official, timm or our own key layout into ``model``.
+
+    A training checkpoint of this project (``runs/.../best.pt``) works too: its backbone part is
+    taken, so a model trained on one task initialises the backbone of the next (same family and
+    spatial dims; a 2D run's backbone is inflated into a 3D one).
 
     Args:
         model: a backbone; its architecture module may define ``checkpoint_filter_fn`` and the
@@ -224,7 +239,7 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, inflate: str = "c
     """
     if inflate not in ("center", "mean"):
         raise ValueError(f"unknown inflation mode {inflate!r}; choose 'center' or 'mean'")
-    state_dict = _filter_fn(model)(read_state_dict(path), model)
+    state_dict = _filter_fn(model)(backbone_part(read_state_dict(path), model), model)
     state_dict, adapted = adapt_state_dict(state_dict, model, inflate)
     _check_fit(state_dict, model, str(path))
     loaded = len(state_dict)

@@ -70,6 +70,7 @@ def model_config_from(cfg: Any) -> dict[str, Any]:
             "num_fc": pr.num_fc,
             "fc_dim": pr.fc_dim,
             "coarse_pred_each_layer": pr.coarse_pred_each_layer,
+            "image_features": pr.image_features,
         }
     return {
         "spatial_dims": dims,

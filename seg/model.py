@@ -51,6 +51,8 @@ POINTREND_DEFAULTS: dict[str, Any] = {
     "num_fc": 3,                       # point head hidden layers (D2 NUM_FC)
     "fc_dim": 256,                     # point head width (D2 FC_DIM)
     "coarse_pred_each_layer": False,   # D2 semantic configs: False (more stable)
+    "image_features": "none",          # input intensities at the points: 'none' (D2), 'point',
+                                       # 'neighbourhood' (point + face neighbours), pr.image_offsets
 }
 
 
@@ -80,6 +82,9 @@ def resolve_pointrend_options(pointrend: dict | bool | None, spatial_dims: int) 
         if key not in options:
             raise ConfigError(unknown_name_message("pointrend option", key, options))
         options[key] = value
+    if options["image_features"] not in pr.IMAGE_FEATURE_MODES:
+        raise ConfigError(unknown_name_message("pointrend image_features", options["image_features"],
+                                               pr.IMAGE_FEATURE_MODES))
     if not options["enabled"]:
         return None
     if options["train_num_points"] is None:
@@ -123,9 +128,14 @@ class SegmentationModel(nn.Module):
         features = self.backbone(images)
         return features, self.head(features)
 
-    def _point_fn(self, features: dict, coarse: torch.Tensor):
+    def _point_fn(self, features: dict, coarse: torch.Tensor, images: torch.Tensor | None):
         fine = [features[name] for name in self.pointrend["in_features"]]
-        return lambda coords: pr.point_head_logits(self.point_head, fine, coarse, coords)
+        offsets = pr.image_offsets(self.pointrend["image_features"], self.spatial_dims)
+        if offsets and images is None:
+            raise ValueError("this model's point head reads the input image (image_features="
+                             f"{self.pointrend['image_features']!r}): pass images")
+        return lambda coords: pr.point_head_logits(self.point_head, fine, coarse, coords, images,
+                                                   offsets)
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> TrainOutput:
         """Training forward.
@@ -141,7 +151,7 @@ class SegmentationModel(nn.Module):
         coords = pr.get_uncertain_point_coords_with_randomness(
             coarse, pr.calculate_uncertainty, opt["train_num_points"], opt["oversample_ratio"],
             opt["importance_sample_ratio"])
-        point_logits = self._point_fn(features, coarse)(coords)
+        point_logits = self._point_fn(features, coarse, images)(coords)
         return TrainOutput(coarse, point_logits, coords, pr.sample_point_labels(labels, coords))
 
     @torch.no_grad()
@@ -154,11 +164,12 @@ class SegmentationModel(nn.Module):
                 (coarse logits upsampled) or 'dense' (point head at every output cell).
         """
         features, coarse = self._features_and_coarse(images)
-        return self.infer_from_features(features, coarse, tuple(images.shape[2:]), mode)
+        return self.infer_from_features(features, coarse, tuple(images.shape[2:]), mode, images)
 
     @torch.no_grad()
     def infer_from_features(self, features: dict[str, torch.Tensor], coarse: torch.Tensor,
-                            size: Sequence[int], mode: str = "subdivision") -> torch.Tensor:
+                            size: Sequence[int], mode: str = "subdivision",
+                            images: torch.Tensor | None = None) -> torch.Tensor:
         """The part of ``forward_infer`` after backbone and coarse head (benchmarks time it).
 
         Args:
@@ -166,6 +177,7 @@ class SegmentationModel(nn.Module):
             coarse: (N, K, *S_c) coarse logits of ``self.head``.
             size: output spatial size (the input's).
             mode: as ``forward_infer``.
+            images: the input, needed when the point head reads it (``image_features``).
 
         Returns:
             (N, K, *size) logits; ``self.last_point_evaluations`` holds the point-head
@@ -180,7 +192,7 @@ class SegmentationModel(nn.Module):
             return resize(coarse, size, mode="linear")
         if self.point_head is None:
             raise ValueError("mode 'dense' needs a model built with PointRend")
-        point_fn = self._point_fn(features, coarse)
+        point_fn = self._point_fn(features, coarse, images)
         if mode == "dense":
             self.last_point_evaluations = math.prod(size)
             return pr.dense_point_inference(point_fn, coarse.shape[0], size, coarse.device,
@@ -212,8 +224,9 @@ class SegmentationModel(nn.Module):
 
 def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
                    head: str = "deeplab", head_kwargs: dict | None = None,
-                   pointrend: dict | bool | None = None) -> SegmentationModel:
-    """Build heads for an existing backbone module (anything with ``feature_info``)."""
+                   pointrend: dict | bool | None = None, in_channels: int = 1) -> SegmentationModel:
+    """Build heads for an existing backbone module (anything with ``feature_info``); ``in_channels``
+    is the input's channel count (the point head reads it with ``image_features``)."""
     info = as_feature_info(backbone.feature_info, spatial_dims)
     coarse_head = build_head(head, info, num_classes, spatial_dims, **(head_kwargs or {}))
     options = resolve_pointrend_options(pointrend, spatial_dims)
@@ -225,7 +238,9 @@ def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
         if unknown:
             raise ConfigError(unknown_name_message("pointrend in_feature", unknown[0], by_name))
         options["in_features"] = list(names)
-        point_head = StandardPointHead(sum(by_name[n].channels for n in names), num_classes,
+        image_channels = in_channels * len(pr.image_offsets(options["image_features"], spatial_dims))
+        point_head = StandardPointHead(sum(by_name[n].channels for n in names) + image_channels,
+                                       num_classes,
                                        options["num_fc"], options["fc_dim"],
                                        options["coarse_pred_each_layer"])
     return SegmentationModel(backbone, coarse_head, spatial_dims, num_classes, point_head, options)
@@ -251,4 +266,4 @@ def build_model(spatial_dims: int, in_channels: int, num_classes: int,
     from backbones import build_backbone
 
     net = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
-    return assemble_model(net, spatial_dims, num_classes, head, head_kwargs, pointrend)
+    return assemble_model(net, spatial_dims, num_classes, head, head_kwargs, pointrend, in_channels)

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 _CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _IN = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
@@ -45,6 +44,62 @@ def to_ntuple(value: Any, n: int) -> tuple:
             raise ValueError(f"expected {n} values, got {len(out)}: {out!r}")
         return out
     return (value,) * n
+
+
+def reachable_taps(kernel_size: Sequence[int], dilation: Sequence[int], padding: Sequence[int],
+                   size: Sequence[int]) -> tuple[slice, ...] | None:
+    """Kernel taps of a stride-1 'same' convolution that can ever touch the input.
+
+    With zero padding ``p = d (k - 1) / 2``, tap ``j`` of an axis reads input ``i + (j - k // 2) d``
+    for output ``i``; when ``|j - k // 2| d >= size`` it reads padding for every output, so it
+    contributes nothing to the result and receives zero gradient.  Returns per-axis slices of the
+    taps that can contribute, or None when all can (nothing to crop).
+    """
+    out, cropped = [], False
+    for k, d, p, s in zip(kernel_size, dilation, padding, size):
+        c = k // 2
+        if k % 2 == 0 or p != c * d:
+            return None
+        r = min(c, (s - 1) // d)
+        cropped |= r < c
+        out.append(slice(c - r, c + r + 1))
+    return tuple(out) if cropped else None
+
+
+class _ReachableConv:
+    """Mixin for nn.ConvNd: skip kernel taps that only ever read zero padding.
+
+    Deep levels of small patches are smaller than their kernels (a 7x7x7 depthwise kernel on a
+    2x2x1 map, a rate-6 ASPP branch on a 4x4x2 map): those taps multiply padding zeros.  Cropping
+    the kernel to the taps that can reach the input gives the same output and the same gradients
+    (zero for the cropped taps) at a fraction of the cost.  Parameters and state dict are those of
+    the plain ``nn.ConvNd``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode == "zeros" and all(s == 1 for s in self.stride) \
+                and not isinstance(self.padding, str):
+            taps = reachable_taps(self.kernel_size, self.dilation, self.padding, x.shape[2:])
+            if taps is not None:
+                weight = self.weight[(slice(None), slice(None), *taps)]
+                padding = tuple((t.stop - t.start) // 2 * d for t, d in zip(taps, self.dilation))
+                return self._functional(x, weight, self.bias, 1, padding, self.dilation, self.groups)
+        return super().forward(x)
+
+
+class Conv1d(_ReachableConv, nn.Conv1d):
+    _functional = staticmethod(F.conv1d)
+
+
+class Conv2d(_ReachableConv, nn.Conv2d):
+    _functional = staticmethod(F.conv2d)
+
+
+class Conv3d(_ReachableConv, nn.Conv3d):
+    _functional = staticmethod(F.conv3d)
+
+
+_CONV = {1: Conv1d, 2: Conv2d, 3: Conv3d}
 
 
 def conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Any = 3,

@@ -21,6 +21,7 @@ everywhere (property P3, tested).  Pass ``padding_mode="zeros"`` to reproduce de
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Callable, Sequence
 
@@ -191,7 +192,8 @@ def sample_point_labels(labels: torch.Tensor, coords: torch.Tensor) -> torch.Ten
 
 def point_head_logits(point_head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                       fine_features: Sequence[torch.Tensor], coarse_logits: torch.Tensor,
-                      coords: torch.Tensor) -> torch.Tensor:
+                      coords: torch.Tensor, images: torch.Tensor | None = None,
+                      image_offsets: Sequence[Sequence[int]] = ()) -> torch.Tensor:
     """Evaluate a point head at ``coords``: fine features of every level concatenated on dim=1
     (not detectron2's latent dim=0) plus the *original* coarse logits sampled at the same points.
 
@@ -200,12 +202,73 @@ def point_head_logits(point_head: Callable[[torch.Tensor, torch.Tensor], torch.T
         fine_features: list of (N, C_i, *S_i) maps.
         coarse_logits: (N, K, *S_c) original coarse prediction.
         coords: (N, P, d).
+        images: (N, C_in, *S) input, sampled at ``image_offsets`` from each point and appended to
+            the fine features (``image_point_features``); unused when ``image_offsets`` is empty.
+        image_offsets: voxel offsets (``image_offsets``).
 
     Returns:
         (N, K, P) point logits.
     """
-    fine = torch.cat([point_sample(f, coords) for f in fine_features], dim=1)
+    fine = [point_sample(f, coords) for f in fine_features]
+    if image_offsets:
+        if images is None:
+            raise ValueError("image_offsets given without images")
+        fine.append(image_point_features(images, coords, image_offsets))
+    fine = torch.cat(fine, dim=1)
     return point_head(fine, point_sample(coarse_logits, coords))
+
+
+IMAGE_FEATURE_MODES = ("none", "point", "neighbourhood", "cube")
+
+
+def image_offsets(mode: str, d: int) -> list[tuple[int, ...]]:
+    """Voxel offsets at which ``image_point_features`` samples the input for ``mode``.
+
+    'none': no offsets; 'point': the point itself; 'neighbourhood': the point and its 2d face
+    neighbours (one voxel either side along each axis), which carries the local intensity gradient;
+    'cube': the 3^d voxels around and including the point (x-first, x fastest).
+    """
+    if mode not in IMAGE_FEATURE_MODES:
+        raise ValueError(f"image_features must be one of {IMAGE_FEATURE_MODES}, got {mode!r}")
+    if mode == "none":
+        return []
+    if mode == "cube":
+        return [tuple(reversed(o)) for o in itertools.product((-1, 0, 1), repeat=d)]
+    offsets = [(0,) * d]
+    if mode == "neighbourhood":
+        for axis in range(d):
+            for step in (-1, 1):
+                offsets.append(tuple(step if a == axis else 0 for a in range(d)))
+    return offsets
+
+
+def image_point_features(images: torch.Tensor, coords: torch.Tensor,
+                         offsets: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Input intensities at the points and at voxel ``offsets`` from them (border-clamped).
+
+    The backbone's finest level is stride 4 (PointRend's P2); structures a few voxels thick (a
+    cortical ribbon, a vessel wall) are below its resolution, while the input itself is exact at
+    every voxel.  Appending these samples to the fine-grained features lets the point head see the
+    edge it is asked to place.
+
+    Args:
+        images: (N, C, *S) network input.
+        coords: (N, P, d) normalised, x-first points.
+        offsets: voxel offsets, x-first per point coordinate axis (``image_offsets``).
+
+    Returns:
+        (N, C * len(offsets), P).
+    """
+    if not offsets:
+        return images.new_zeros(images.shape[0], 0, coords.shape[1])
+    # one voxel in normalised x-first units: 1 / size of that axis (sizes are stored last-axis = x)
+    voxel = torch.tensor([1.0 / s for s in reversed(images.shape[2:])], dtype=coords.dtype,
+                         device=coords.device)
+    delta = torch.tensor(offsets, dtype=coords.dtype, device=coords.device) * voxel   # (O, d)
+    p = coords.shape[1]
+    pts = (coords.unsqueeze(1) + delta.view(1, -1, 1, coords.shape[-1])).flatten(1, 2)  # (N, O*P, d)
+    sampled = point_sample(images, pts)                                    # (N, C, O*P)
+    return sampled.view(images.shape[0], images.shape[1], len(offsets), p).flatten(1, 2)
 
 
 def subdivision_sizes(coarse_size: Sequence[int], out_size: Sequence[int],

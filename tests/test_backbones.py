@@ -199,3 +199,18 @@ def test_missing_unexpected_and_misfit_keys_raise(tmp_path) -> None:
 def test_bad_inflate_mode(tmp_path) -> None:
     with pytest.raises(ValueError, match="inflation mode"):
         load_pretrained(build_backbone("convnext_atto", 3), tmp_path / "x.pth", inflate="middle")
+
+
+def test_backbone_from_a_training_checkpoint(tmp_path) -> None:
+    # a whole segmentation model's checkpoint (as seg.train writes it): the backbone part loads
+    from seg.model import build_model
+    torch.manual_seed(0)
+    seg_model = build_model(2, 1, 3, backbone="convnext_atto", pointrend=True)
+    torch.save({"model": seg_model.state_dict(), "iteration": 7, "model_config": {"x": 1}},
+               tmp_path / "best.pt")
+    dst = build_backbone("convnext_atto", 2)
+    report = load_pretrained(dst, tmp_path / "best.pt")
+    assert report.loaded == len(seg_model.backbone.state_dict())
+    for key, value in seg_model.backbone.state_dict().items():
+        torch.testing.assert_close(dst.state_dict()[key], value)
+    load_pretrained(build_backbone("convnext_atto", 3), tmp_path / "best.pt")  # 2D run -> 3D

@@ -241,3 +241,34 @@ def test_mask_head_boxes(d):
     assert out.shape == (1, 3, *(7,) * d) and classes.tolist() == [2]
     out.sum().backward()
     assert all(p.grad is not None for p in head.parameters())
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_point_head_reads_the_image(d):
+    opts = {"train_num_points": 64, "fc_dim": 16, "image_features": "neighbourhood"}
+    torch.manual_seed(0)
+    model = assemble_model(TinyBackbone(d, 2), d, 3, "deeplab", {"channels": 16,
+                                                                  "low_level_channels": 8},
+                           opts, in_channels=2)
+    plain = _model(d)
+    # two input channels x (point + 2d neighbours) more fine channels than without
+    assert model.point_head.fcs[0].in_channels == \
+        plain.point_head.fcs[0].in_channels + 2 * (2 * d + 1)
+    images, labels = torch.randn(2, 2, *SIZES[d]), _labels((2, *SIZES[d]), 3)
+    losses = model.loss(model.forward_train(images, labels), labels)
+    losses["total"].backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    features = model.backbone(images)
+    coarse = model.head(features)
+    coords = torch.rand(2, 50, d)
+    fn = model._point_fn(features, coarse, images)
+    moved = model._point_fn(features, coarse, images + 1.0)  # same features, other intensities
+    assert not torch.allclose(fn(coords), moved(coords))
+    with pytest.raises(ValueError, match="image"):
+        model.infer_from_features(features, coarse, SIZES[d])
+    out = model.forward_infer(images, "dense")
+    torch.testing.assert_close(out, model.infer_from_features(features, coarse, SIZES[d], "dense",
+                                                              images))
+    with pytest.raises(Exception, match="image_features"):
+        assemble_model(TinyBackbone(d, 2), d, 3, pointrend={"image_features": "patch"})

@@ -343,3 +343,41 @@ def test_boxes_from_labels(d):
     assert (jit - boxes).abs().max() > 0
     empty, eb, _ = pr.boxes_from_labels(torch.zeros(1, *size, dtype=torch.long), 3)
     assert empty.shape == (0, 2 * d) and eb.shape == (0,)
+
+
+# image features (our extension: input intensities at and around the points) ----------------------
+@pytest.mark.parametrize("d", DIMS)
+def test_image_point_features_closed_form_on_a_ramp(d):
+    size = SIZES[d] if d == 2 else (4, 6, 5)
+    slopes = [3.0, -2.0, 0.5][:d]  # per x-first axis
+    axes = torch.meshgrid(*[torch.arange(s, dtype=torch.float64) for s in size], indexing="ij")
+    ramp = sum(a * g for a, g in zip(slopes, reversed(axes)))  # sum_x-first slope * index
+    images = torch.stack([ramp, 10 * ramp + 1])[None]  # (1, 2, *size): two channels
+    # interior voxel centres, x-first normalised
+    g = torch.Generator().manual_seed(0)
+    idx = torch.stack([torch.randint(1, s - 1, (9,), generator=g) for s in reversed(size)], -1)
+    coords = ((idx.double() + 0.5) / torch.tensor(list(reversed(size)), dtype=torch.float64))[None]
+    offsets = pr.image_offsets("neighbourhood", d)
+    assert len(offsets) == 2 * d + 1 and offsets[0] == (0,) * d
+    feats = pr.image_point_features(images, coords, offsets)
+    assert feats.shape == (1, 2 * len(offsets), 9)
+    for o, off in enumerate(offsets):
+        expected = sum(a * (idx[:, i] + off[i]) for i, a in enumerate(slopes)).double()
+        torch.testing.assert_close(feats[0, o], expected)                      # channel 0
+        torch.testing.assert_close(feats[0, len(offsets) + o], 10 * expected + 1)  # channel 1
+    assert pr.image_offsets("point", d) == [(0,) * d] and pr.image_offsets("none", d) == []
+    with pytest.raises(ValueError, match="image_features"):
+        pr.image_offsets("patch", d)
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_image_point_features_clamp_at_the_border(d):
+    size = SIZES[d]
+    images = _rand(1, 1, *size)
+    corner = torch.full((1, 1, d), 0.5) / torch.tensor(list(reversed(size)))  # centre of voxel 0
+    feats = pr.image_point_features(images, corner.double(), pr.image_offsets("neighbourhood", d))
+    first = images.reshape(-1)[0]
+    # every "-1" neighbour of voxel 0 is clamped to voxel 0 itself
+    for o, off in enumerate(pr.image_offsets("neighbourhood", d)):
+        if min(off) < 0:
+            torch.testing.assert_close(feats[0, o, 0], first)
