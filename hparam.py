@@ -62,11 +62,12 @@ class PointRendConfig:
     importance_sample_ratio: float = 0.75        # beta: share of N taken by uncertainty
     subdivision_steps: int | None = None         # None: until the input resolution is reached
     subdivision_num_points_2d: int = 8192        # points re-rendered per 2D subdivision step
-    subdivision_num_points_3d: int = 4096        # points re-rendered per 3D subdivision step (benchmarks/pointrend.py)
+    subdivision_num_points_3d: int = 6144        # points re-rendered per 3D subdivision step (10.9 % of dense at 64x64x32: benchmarks/pointrend.py)
     num_fc: int = 3                              # point head hidden layers
     fc_dim: int = 256                            # point head width
     coarse_pred_each_layer: bool = True          # re-concatenate coarse logits at every layer
-    image_features: str = "neighbourhood"        # input intensities fed to the point head: 'none' (as detectron2), 'point', 'neighbourhood' (point + 1-voxel face neighbours)
+    image_features: str = "cube"                 # input intensities fed to the point head: 'none' (as detectron2), 'point', 'neighbourhood' (point + face neighbours), 'cube' (3^d around it), 'cube5' (5^d)
+    fine_stem_channels: int = 16                 # >0: a light learned stride-2 branch on the input, one more point-head feature level (0: off, as detectron2)
 
 
 @dataclass

@@ -71,6 +71,7 @@ def model_config_from(cfg: Any) -> dict[str, Any]:
             "fc_dim": pr.fc_dim,
             "coarse_pred_each_layer": pr.coarse_pred_each_layer,
             "image_features": pr.image_features,
+            "fine_stem_channels": pr.fine_stem_channels,
         }
     return {
         "spatial_dims": dims,

@@ -119,9 +119,10 @@ def validate_config(cfg: Any) -> None:
         (t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be > 0"),
         (0 < m.pointrend.oversample_ratio and 0 <= m.pointrend.importance_sample_ratio <= 1,
          "model.pointrend: oversample_ratio must be > 0 and importance_sample_ratio in [0, 1]"),
-        (m.pointrend.image_features in ("none", "point", "neighbourhood", "cube"),
-         "model.pointrend.image_features must be none, point, neighbourhood or cube, "
+        (m.pointrend.image_features in ("none", "point", "neighbourhood", "cube", "cube5"),
+         "model.pointrend.image_features must be none, point, neighbourhood, cube or cube5, "
          f"got {m.pointrend.image_features!r}"),
+        (m.pointrend.fine_stem_channels >= 0, "model.pointrend.fine_stem_channels must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from heads import StandardPointHead, as_feature_info, build_head, nearest_level
+from seg import ops
 from seg import pointrend as pr
 from seg.errors import ConfigError
 from seg.losses import masked_cross_entropy, soft_dice_loss
@@ -53,6 +54,8 @@ POINTREND_DEFAULTS: dict[str, Any] = {
     "coarse_pred_each_layer": False,   # D2 semantic configs: False (more stable)
     "image_features": "none",          # input intensities at the points: 'none' (D2), 'point',
                                        # 'neighbourhood' (point + face neighbours), pr.image_offsets
+    "fine_stem_channels": 0,           # >0: a light stride-2 conv branch on the input, sampled at
+                                       # the points as one more fine level (FineStem); 0: off (D2)
 }
 
 
@@ -98,6 +101,33 @@ def auto_subdivision_points(out_size: Sequence[int]) -> int:
     return round(AUTO_POINTS_PER_SHEET * math.prod(out_size) ** ((d - 1) / d))
 
 
+class FineStem(nn.Module):
+    """A light stride-2 feature branch on the input for the point head (our extension).
+
+    The backbone's finest level is stride 4; a structure two voxels thick falls between its cells.
+    Two 3^d convolutions (the first with stride 2), each with GroupNorm and ReLU, give the point
+    head learned features at twice that resolution for about the cost of one backbone block.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: input channels.
+        channels: output channels.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, channels: int) -> None:
+        super().__init__()
+        groups = max(1, min(8, channels // 4))
+        self.layers = nn.Sequential(
+            ops.conv(spatial_dims, in_channels, channels, 3, stride=2, bias=False),
+            nn.GroupNorm(groups, channels), nn.ReLU(inplace=True),
+            ops.conv(spatial_dims, channels, channels, 3, bias=False),
+            nn.GroupNorm(groups, channels), nn.ReLU(inplace=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, *S) -> (N, channels, *ceil(S / 2))."""
+        return self.layers(x)
+
+
 class SegmentationModel(nn.Module):
     """Backbone -> coarse head -> optional PointRend point head.
 
@@ -109,14 +139,16 @@ class SegmentationModel(nn.Module):
         point_head: StandardPointHead or None.
         pointrend: resolved PointRend options (``resolve_pointrend_options``) or None.
         ignore_index: ignored label value.
+        fine_stem: optional ``FineStem`` on the input, one more fine level for the point head.
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, spatial_dims: int, num_classes: int,
                  point_head: nn.Module | None = None, pointrend: dict | None = None,
-                 ignore_index: int = pr.IGNORE_INDEX) -> None:
+                 ignore_index: int = pr.IGNORE_INDEX, fine_stem: nn.Module | None = None) -> None:
         super().__init__()
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.backbone, self.head, self.point_head = backbone, head, point_head
+        self.fine_stem = fine_stem
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.pointrend = pointrend
         self.last_point_evaluations = 0  # per sample, set by forward_infer
@@ -131,9 +163,12 @@ class SegmentationModel(nn.Module):
     def _point_fn(self, features: dict, coarse: torch.Tensor, images: torch.Tensor | None):
         fine = [features[name] for name in self.pointrend["in_features"]]
         offsets = pr.image_offsets(self.pointrend["image_features"], self.spatial_dims)
-        if offsets and images is None:
+        if (offsets or self.fine_stem is not None) and images is None:
             raise ValueError("this model's point head reads the input image (image_features="
-                             f"{self.pointrend['image_features']!r}): pass images")
+                             f"{self.pointrend['image_features']!r}, fine_stem_channels="
+                             f"{self.pointrend['fine_stem_channels']}): pass images")
+        if self.fine_stem is not None:
+            fine.append(self.fine_stem(images))
         return lambda coords: pr.point_head_logits(self.point_head, fine, coarse, coords, images,
                                                    offsets)
 
@@ -230,7 +265,7 @@ def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
     info = as_feature_info(backbone.feature_info, spatial_dims)
     coarse_head = build_head(head, info, num_classes, spatial_dims, **(head_kwargs or {}))
     options = resolve_pointrend_options(pointrend, spatial_dims)
-    point_head = None
+    point_head = fine_stem = None
     if options is not None:
         names = options["in_features"] or [nearest_level(info, 4).name]
         by_name = {f.name: f for f in info}
@@ -239,11 +274,18 @@ def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
             raise ConfigError(unknown_name_message("pointrend in_feature", unknown[0], by_name))
         options["in_features"] = list(names)
         image_channels = in_channels * len(pr.image_offsets(options["image_features"], spatial_dims))
+        if options["fine_stem_channels"] < 0:
+            raise ConfigError(f"pointrend fine_stem_channels must be >= 0, got "
+                              f"{options['fine_stem_channels']}")
+        if options["fine_stem_channels"]:
+            fine_stem = FineStem(spatial_dims, in_channels, options["fine_stem_channels"])
+            image_channels += options["fine_stem_channels"]
         point_head = StandardPointHead(sum(by_name[n].channels for n in names) + image_channels,
                                        num_classes,
                                        options["num_fc"], options["fc_dim"],
                                        options["coarse_pred_each_layer"])
-    return SegmentationModel(backbone, coarse_head, spatial_dims, num_classes, point_head, options)
+    return SegmentationModel(backbone, coarse_head, spatial_dims, num_classes, point_head, options,
+                             fine_stem=fine_stem)
 
 
 def build_model(spatial_dims: int, in_channels: int, num_classes: int,

@@ -218,7 +218,7 @@ def point_head_logits(point_head: Callable[[torch.Tensor, torch.Tensor], torch.T
     return point_head(fine, point_sample(coarse_logits, coords))
 
 
-IMAGE_FEATURE_MODES = ("none", "point", "neighbourhood", "cube")
+IMAGE_FEATURE_MODES = ("none", "point", "neighbourhood", "cube", "cube5")
 
 
 def image_offsets(mode: str, d: int) -> list[tuple[int, ...]]:
@@ -226,14 +226,15 @@ def image_offsets(mode: str, d: int) -> list[tuple[int, ...]]:
 
     'none': no offsets; 'point': the point itself; 'neighbourhood': the point and its 2d face
     neighbours (one voxel either side along each axis), which carries the local intensity gradient;
-    'cube': the 3^d voxels around and including the point (x-first, x fastest).
+    'cube': the 3^d voxels around and including the point (x-first, x fastest); 'cube5': the 5^d.
     """
     if mode not in IMAGE_FEATURE_MODES:
         raise ValueError(f"image_features must be one of {IMAGE_FEATURE_MODES}, got {mode!r}")
     if mode == "none":
         return []
-    if mode == "cube":
-        return [tuple(reversed(o)) for o in itertools.product((-1, 0, 1), repeat=d)]
+    if mode in ("cube", "cube5"):
+        r = 1 if mode == "cube" else 2
+        return [tuple(reversed(o)) for o in itertools.product(range(-r, r + 1), repeat=d)]
     offsets = [(0,) * d]
     if mode == "neighbourhood":
         for axis in range(d):

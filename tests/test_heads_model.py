@@ -272,3 +272,28 @@ def test_point_head_reads_the_image(d):
                                                               images))
     with pytest.raises(Exception, match="image_features"):
         assemble_model(TinyBackbone(d, 2), d, 3, pointrend={"image_features": "patch"})
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_fine_stem_is_one_more_fine_level(d):
+    from seg.model import FineStem
+    opts = {"train_num_points": 64, "fc_dim": 16, "fine_stem_channels": 4}
+    torch.manual_seed(0)
+    model = assemble_model(TinyBackbone(d, 2), d, 3, "deeplab", {"channels": 16,
+                                                                  "low_level_channels": 8},
+                           opts, in_channels=2)
+    assert isinstance(model.fine_stem, FineStem)
+    assert model.point_head.fcs[0].in_channels == _model(d).point_head.fcs[0].in_channels + 4
+    images, labels = torch.randn(2, 2, *SIZES[d]), _labels((2, *SIZES[d]), 3)
+    assert model.fine_stem(images).shape == (2, 4, *[(s + 1) // 2 for s in SIZES[d]])
+    model.loss(model.forward_train(images, labels), labels)["total"].backward()
+    for name, p in model.fine_stem.named_parameters():  # trained through the point loss
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.eval()
+    out = model.forward_infer(images, "dense")
+    # the stem is a real input to the point head: zeroing its last conv changes the dense output
+    torch.nn.init.zeros_(model.fine_stem.layers[3].weight)
+    assert not torch.allclose(out, model.forward_infer(images, "dense"))
+    with pytest.raises(Exception, match="fine_stem_channels"):
+        assemble_model(TinyBackbone(d, 2), d, 3, pointrend={"fine_stem_channels": -1})
+    assert _model(d).fine_stem is None  # off by default (detectron2's point head)

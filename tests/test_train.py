@@ -69,6 +69,9 @@ def test_overrides_parse_types_and_suggest() -> None:
         apply_overrides(Config(), ["train.iterations=many"])
     with pytest.raises(ConfigError, match="unknown backbone"):
         apply_overrides(Config(), ["model.backbone=convnext_tiniest"]).validate()
+    with pytest.raises(ConfigError, match="image_features must be"):
+        apply_overrides(Config(), ["model.pointrend.image_features='patch'"]).validate()
+    apply_overrides(Config(), ["model.pointrend.image_features='cube5'"]).validate()
 
 
 @pytest.mark.parametrize("dims", [2, 3])
