@@ -82,7 +82,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    iterations: int = 1500                       # optimisation steps
+    iterations: int | None = None                # optimisation steps; None: iterations_3d or iterations_2d by data.spatial_dims
+    iterations_3d: int = 1000                    # default steps in 3D (longer overfits the three training slabs of the demo)
+    iterations_2d: int = 3000                    # default steps in 2D (a 2D step costs about a third of a 3D one)
     batch_size: int = 2                          # patches per step PER PROCESS (torchrun: global batch = N x this)
     lr: float = 2e-3                             # peak learning rate (AdamW)
     weight_decay: float = 0.05                   # AdamW weight decay

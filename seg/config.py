@@ -111,7 +111,9 @@ def validate_config(cfg: Any) -> None:
         (d.target_spacing is None or len(d.target_spacing) == 3,
          "data.target_spacing must be None or 3 spacings (mm)"),
         (d.in_channels >= 1, "data.in_channels must be >= 1"),
-        (t.iterations > 0 and t.batch_size > 0, "train.iterations and train.batch_size must be > 0"),
+        ((t.iterations is None or t.iterations > 0) and t.batch_size > 0
+         and t.iterations_2d > 0 and t.iterations_3d > 0,
+         "train.iterations (or None), iterations_2d, iterations_3d and batch_size must be > 0"),
         (t.lr > 0, "train.lr must be > 0"),
         (t.schedule in ("cosine", "poly"), f"train.schedule must be cosine or poly, got {t.schedule!r}"),
         (0.0 <= t.val_overlap < 1.0, "train.val_overlap must be in [0, 1)"),

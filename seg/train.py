@@ -15,6 +15,7 @@ number of processes (it then continues with the new number's data streams, not t
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import logging
@@ -317,6 +318,17 @@ def train_step(model, batch, optimizer, scheduler, scaler, cfg, device,
     return optimise(losses, model, optimizer, scheduler, scaler, cfg, ctx)
 
 
+def with_iterations(cfg: Any) -> Any:
+    """``cfg`` with ``train.iterations`` set: an explicit value wins, else the default for the
+    spatial dims (``train.iterations_3d`` / ``iterations_2d``).  The caller's object is not changed."""
+    if cfg.train.iterations is not None:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.train.iterations = (cfg.train.iterations_3d if cfg.data.spatial_dims == 3
+                            else cfg.train.iterations_2d)
+    return out
+
+
 def train(cfg: Any, resume: str | None = None, progress: bool = True, model_factory: Any = None,
           stop_after: int | None = None) -> TrainResult:
     """Train ``cfg`` (an hparam ``Config``), on one process or, under torchrun, on all of them.
@@ -328,7 +340,7 @@ def train(cfg: Any, resume: str | None = None, progress: bool = True, model_fact
         model_factory: optional ``f(cfg) -> model`` replacing the registry-built model.
         stop_after: stop after this iteration as if interrupted (tests of resume).
     """
-    cfg.validate()
+    cfg = with_iterations(cfg.validate())
     t = cfg.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)

@@ -66,12 +66,27 @@ def test_overrides_parse_types_and_suggest() -> None:
     with pytest.raises(ConfigError, match="Did you mean 'iterations'"):
         apply_overrides(Config(), ["train.iteration=5"])
     with pytest.raises(ConfigError, match="expected int"):
+        apply_overrides(Config(), ["train.batch_size=many"])
+    with pytest.raises(ConfigError, match="cannot use 'many'"):
         apply_overrides(Config(), ["train.iterations=many"])
     with pytest.raises(ConfigError, match="unknown backbone"):
         apply_overrides(Config(), ["model.backbone=convnext_tiniest"]).validate()
     with pytest.raises(ConfigError, match="image_features must be"):
         apply_overrides(Config(), ["model.pointrend.image_features='patch'"]).validate()
     apply_overrides(Config(), ["model.pointrend.image_features='cube5'"]).validate()
+
+
+def test_default_iterations_follow_the_dims() -> None:
+    from seg.train import with_iterations
+    for dims, expected in ((3, Config().train.iterations_3d), (2, Config().train.iterations_2d)):
+        cfg = apply_overrides(Config(), [f"data.spatial_dims={dims}"])
+        assert cfg.train.iterations is None
+        assert with_iterations(cfg).train.iterations == expected
+        assert cfg.train.iterations is None  # the caller's config is left alone
+    explicit = apply_overrides(Config(), ["data.spatial_dims=2", "train.iterations=7"])
+    assert with_iterations(explicit).train.iterations == 7
+    with pytest.raises(ConfigError, match="iterations"):
+        apply_overrides(Config(), ["train.iterations=0"]).validate()
 
 
 @pytest.mark.parametrize("dims", [2, 3])
