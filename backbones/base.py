@@ -6,6 +6,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from seg.registry import unknown_name_message
@@ -35,6 +36,39 @@ class Backbone(nn.Module):
 
     def feature_names(self) -> list[str]:
         return [f.name for f in self.feature_info]
+
+
+def check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
+    """Sorted unique stage indices, each in ``0..num_stages-1`` (ValueError otherwise)."""
+    out = tuple(sorted(set(int(i) for i in out_indices)))
+    if not out or out[0] < 0 or out[-1] >= num_stages:
+        raise ValueError(f"out_indices must be stage indices in 0..{num_stages - 1}, "
+                         f"got {out_indices!r}")
+    return out
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> torch.Tensor:
+    """Zero-pad the end of every spatial axis up to a multiple of ``multiple`` (per axis).
+
+    Args:
+        x: (N, C, *S) tensor.
+        multiple: one positive int per spatial axis.
+
+    Returns:
+        (N, C, *S') with ``S'[i] = ceil(S[i] / multiple[i]) * multiple[i]``.
+    """
+    pads: list[int] = []
+    for size, m in zip(reversed(x.shape[2:]), reversed(tuple(multiple))):  # F.pad: last axis first
+        pads += [0, (-size) % m]
+    return F.pad(x, pads) if any(pads) else x
+
+
+def init_trunc_normal(module: nn.Module) -> None:
+    """Truncated-normal (std 0.02) conv and linear weights, zero biases (ConvNeXt, Conv2Former)."""
+    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
 
 
 def run_blocks(blocks: Sequence[nn.Module], x: torch.Tensor, grad_checkpointing: bool = False) -> torch.Tensor:

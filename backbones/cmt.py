@@ -50,8 +50,7 @@ from torch.utils.checkpoint import checkpoint
 from seg import ops
 
 from . import BACKBONES
-from .base import FeatureInfo, StagedBackbone, build_checked
-from .convnext import _check_out_indices, pad_to_multiple
+from .base import FeatureInfo, StagedBackbone, build_checked, check_out_indices, pad_to_multiple
 
 __all__ = ["CMT", "CMTBlock", "LightweightAttention", "RelativePositionBias",
            "checkpoint_filter_fn", "relative_geometry"]
@@ -345,7 +344,7 @@ class CMT(StagedBackbone):
         if spatial_dims not in (2, 3):
             raise ValueError(f"CMT needs spatial_dims 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = spatial_dims
-        self.out_indices = _check_out_indices(out_indices, len(depths))
+        self.out_indices = check_out_indices(out_indices, len(depths))
         factors = _per_axis(strides, len(depths) + 1, spatial_dims, "strides")
         totals = [tuple(math.prod(f[a] for f in factors[:i + 2]) for a in range(spatial_dims))
                   for i in range(len(depths))]  # cumulative stride of each stage

@@ -40,8 +40,8 @@ import torch.nn as nn
 from seg import ops
 
 from . import BACKBONES
-from .base import FeatureInfo, StagedBackbone, build_checked
-from .convnext import Downsample, Stage, Stem, _check_out_indices, _init_weights, _stage_strides
+from .base import FeatureInfo, StagedBackbone, build_checked, check_out_indices, init_trunc_normal
+from .convnext import Downsample, Stage, Stem, stage_strides
 
 __all__ = ["Conv2Former", "Conv2FormerBlock", "ConvMod", "checkpoint_filter_fn"]
 
@@ -140,25 +140,25 @@ class Conv2Former(StagedBackbone):
         if spatial_dims not in (2, 3):
             raise ValueError(f"Conv2Former needs spatial_dims 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = spatial_dims
-        self.out_indices = _check_out_indices(out_indices, len(depths))
+        self.out_indices = check_out_indices(out_indices, len(depths))
         kernel = _check_kernel(kernel_size, spatial_dims)
-        stage_strides = _stage_strides(strides, spatial_dims)
+        per_stage = stage_strides(strides, spatial_dims)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stem = Stem(spatial_dims, in_chans, dims[0], stage_strides[0])
+        self.stem = Stem(spatial_dims, in_chans, dims[0], per_stage[0])
         self.stages = nn.ModuleList()
         self.feature_info: list[FeatureInfo] = []
         total = (1,) * spatial_dims
         for i in range(max(self.out_indices) + 1):
             down = (nn.Identity() if i == 0
-                    else Downsample(spatial_dims, dims[i - 1], dims[i], stage_strides[i]))
-            total = tuple(a * b for a, b in zip(total, stage_strides[i]))
+                    else Downsample(spatial_dims, dims[i - 1], dims[i], per_stage[i]))
+            total = tuple(a * b for a, b in zip(total, per_stage[i]))
             blocks = [Conv2FormerBlock(spatial_dims, dims[i], kernel, mlp_ratio, rate,
                                        layer_scale_init_value)
                       for rate in rates[sum(depths[:i]):sum(depths[:i + 1])]]
             self.stages.append(Stage(down, blocks))
             if i in self.out_indices:
                 self.feature_info.append(FeatureInfo(f"stage{i}", dims[i], total))
-        self.apply(_init_weights)
+        self.apply(init_trunc_normal)
         self.set_grad_checkpointing(grad_checkpointing)
 
 

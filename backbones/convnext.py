@@ -23,30 +23,16 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from seg import ops
 
 from . import BACKBONES
-from .base import FeatureInfo, run_blocks, StagedBackbone, build_checked
+from .base import (FeatureInfo, StagedBackbone, build_checked, check_out_indices, init_trunc_normal,
+                   pad_to_multiple, run_blocks)
 
-__all__ = ["ConvNeXt", "checkpoint_filter_fn", "pad_to_multiple"]
+__all__ = ["ConvNeXt", "checkpoint_filter_fn"]
 
 
-def pad_to_multiple(x: torch.Tensor, multiple: Sequence[int]) -> torch.Tensor:
-    """Zero-pad the end of every spatial axis up to a multiple of ``multiple`` (per axis).
-
-    Args:
-        x: (N, C, *S) tensor.
-        multiple: one positive int per spatial axis.
-
-    Returns:
-        (N, C, *S') with ``S'[i] = ceil(S[i] / multiple[i]) * multiple[i]``.
-    """
-    pads: list[int] = []
-    for size, m in zip(reversed(x.shape[2:]), reversed(tuple(multiple))):  # F.pad: last axis first
-        pads += [0, (-size) % m]
-    return F.pad(x, pads) if any(pads) else x
 
 
 class Stem(nn.Module):
@@ -112,7 +98,7 @@ class Stage(nn.Module):
         return run_blocks(self.blocks, x, self.grad_checkpointing)
 
 
-def _stage_strides(strides: Sequence[Any], spatial_dims: int) -> list[tuple[int, ...]]:
+def stage_strides(strides: Sequence[Any], spatial_dims: int) -> list[tuple[int, ...]]:
     """Per-stage per-axis stride factors from 4 entries, each an int or a per-axis tuple."""
     if len(strides) != 4:
         raise ValueError(f"strides needs one entry per stage (4), got {len(strides)}: {strides!r}")
@@ -155,42 +141,30 @@ class ConvNeXt(StagedBackbone):
         if spatial_dims not in (2, 3):
             raise ValueError(f"ConvNeXt needs spatial_dims 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = spatial_dims
-        self.out_indices = _check_out_indices(out_indices, len(depths))
-        stage_strides = _stage_strides(strides, spatial_dims)
+        self.out_indices = check_out_indices(out_indices, len(depths))
+        per_stage = stage_strides(strides, spatial_dims)
         num_stages = max(self.out_indices) + 1
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stem = Stem(spatial_dims, in_chans, dims[0], stage_strides[0])
+        self.stem = Stem(spatial_dims, in_chans, dims[0], per_stage[0])
         self.stages = nn.ModuleList()
         self.feature_info: list[FeatureInfo] = []
-        total = stage_strides[0]
+        total = per_stage[0]
         for i in range(num_stages):
             down = (nn.Identity() if i == 0
-                    else Downsample(spatial_dims, dims[i - 1], dims[i], stage_strides[i]))
-            total = total if i == 0 else tuple(a * b for a, b in zip(total, stage_strides[i]))
+                    else Downsample(spatial_dims, dims[i - 1], dims[i], per_stage[i]))
+            total = total if i == 0 else tuple(a * b for a, b in zip(total, per_stage[i]))
             block_rates = rates[sum(depths[:i]):sum(depths[:i + 1])]
             blocks = [Block(spatial_dims, dims[i], kernel_size, mlp_ratio, rate,
                             layer_scale_init_value) for rate in block_rates]
             self.stages.append(Stage(down, blocks))
             if i in self.out_indices:
                 self.feature_info.append(FeatureInfo(f"stage{i}", dims[i], total))
-        self.apply(_init_weights)
+        self.apply(init_trunc_normal)
         self.set_grad_checkpointing(grad_checkpointing)
 
 
-def _check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
-    out = tuple(sorted(set(int(i) for i in out_indices)))
-    if not out or out[0] < 0 or out[-1] >= num_stages:
-        raise ValueError(f"out_indices must be stage indices in 0..{num_stages - 1}, "
-                         f"got {out_indices!r}")
-    return out
 
 
-def _init_weights(module: nn.Module) -> None:
-    """Truncated-normal (std 0.02) conv and linear weights, zero biases, as in the paper."""
-    if isinstance(module, (nn.Conv2d, nn.Conv3d, nn.Linear)):
-        nn.init.trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 # --- checkpoint key layouts -------------------------------------------------------------------

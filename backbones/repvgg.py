@@ -35,7 +35,7 @@ from seg.ops import DropPath, batch_norm, check_spatial_dims, conv, to_ntuple
 from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo, run_blocks
+from .base import Backbone, FeatureInfo, check_out_indices, run_blocks
 
 #: Stage widths before the width multipliers (stage0 = stem; widths of stages 1..4).
 BASE_WIDTHS = (64, 128, 256, 512)
@@ -209,7 +209,7 @@ class RepVGG(Backbone):
         self.spatial_dims = check_spatial_dims(spatial_dims)
         if spatial_dims not in (2, 3):
             raise ValueError(f"RepVGG needs spatial_dims 2 or 3, got {spatial_dims}")
-        self.out_indices = _check_out_indices(out_indices, len(depths) + 1)
+        self.out_indices = check_out_indices(out_indices, len(depths) + 1)
         self.grad_checkpointing = grad_checkpointing
         stage_strides = _stage_strides(strides, len(depths) + 1, spatial_dims)
         widths = stage_widths(width_multipliers)
@@ -259,12 +259,6 @@ def stage_widths(width_multipliers: Sequence[float]) -> list[int]:
     a, b = width_multipliers
     return [min(64, int(64 * a))] + [int(c * a) for c in BASE_WIDTHS[:3]] + [int(512 * b)]
 
-
-def _check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
-    indices = tuple(sorted(set(int(i) for i in out_indices)))
-    if not indices or indices[0] < 0 or indices[-1] >= num_stages:
-        raise ConfigError(f"RepVGG out_indices must lie in 0..{num_stages - 1}, got {out_indices}")
-    return indices
 
 
 def _stage_strides(strides: Any, num_stages: int, spatial_dims: int) -> list[tuple[int, ...]]:

@@ -119,7 +119,7 @@ def test_options_out_indices_strides_checkpointing_drop_path():
 
     with pytest.raises(ConfigError, match="drop_path_rate"):
         build_backbone("repvgg_a0", 2, drop_path_rat=0.1)
-    with pytest.raises(ConfigError, match="out_indices"):
+    with pytest.raises(ValueError, match="out_indices"):
         build_backbone("repvgg_a0", 2, out_indices=(5,))
 
 
