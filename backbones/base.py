@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from seg import ops
 from seg.registry import unknown_name_message
 
 
@@ -44,6 +45,26 @@ def check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int,
     if not out or out[0] < 0 or out[-1] >= num_stages:
         raise ValueError(f"out_indices must be stage indices in 0..{num_stages - 1}, "
                          f"got {out_indices!r}")
+    return out
+
+
+def per_stage(values: Any, count: int, spatial_dims: int, what: str = "strides",
+              broadcast: bool = True) -> list[tuple[int, ...]]:
+    """``count`` per-axis tuples of positive ints, one per stage (strides, reduction ratios).
+
+    ``values`` holds ``count`` entries, each an int or a per-axis tuple; with ``broadcast`` a single
+    int or per-axis tuple also serves every stage (a tuple of length ``count`` is read per stage).
+    Anything else raises a ValueError naming ``what``.
+    """
+    if broadcast and (isinstance(values, int) or (
+            len(values) == spatial_dims and len(values) != count
+            and all(isinstance(v, int) for v in values))):
+        values = [values] * count
+    if isinstance(values, int) or len(values) != count:
+        raise ValueError(f"{what} needs {count} entries (one per stage), got {values!r}")
+    out = [tuple(int(v) for v in ops.to_ntuple(s, spatial_dims)) for s in values]
+    if any(v < 1 for t in out for v in t):
+        raise ValueError(f"{what} must be positive, got {values!r}")
     return out
 
 

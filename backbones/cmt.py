@@ -50,7 +50,8 @@ from torch.utils.checkpoint import checkpoint
 from seg import ops
 
 from . import BACKBONES
-from .base import FeatureInfo, StagedBackbone, build_checked, check_out_indices, pad_to_multiple
+from .base import (FeatureInfo, StagedBackbone, build_checked, check_out_indices, pad_to_multiple,
+                   per_stage)
 
 __all__ = ["CMT", "CMTBlock", "LightweightAttention", "RelativePositionBias",
            "checkpoint_filter_fn", "relative_geometry"]
@@ -293,17 +294,6 @@ class CMTStage(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
-def _per_axis(values: Any, count: int, spatial_dims: int, what: str) -> list[tuple[int, ...]]:
-    """``count`` per-axis int tuples from an int, a per-axis tuple, or ``count`` such entries."""
-    if isinstance(values, int) or (len(values) == spatial_dims and len(values) != count
-                                   and all(isinstance(v, int) for v in values)):
-        values = [values] * count
-    if len(values) != count:
-        raise ValueError(f"CMT {what} needs {count} entries, got {values!r}")
-    out = [tuple(int(v) for v in ops.to_ntuple(s, spatial_dims)) for s in values]
-    if any(v < 1 for t in out for v in t):
-        raise ValueError(f"CMT {what} must be positive, got {values!r}")
-    return out
 
 
 class CMT(StagedBackbone):
@@ -345,13 +335,13 @@ class CMT(StagedBackbone):
             raise ValueError(f"CMT needs spatial_dims 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = spatial_dims
         self.out_indices = check_out_indices(out_indices, len(depths))
-        factors = _per_axis(strides, len(depths) + 1, spatial_dims, "strides")
+        factors = per_stage(strides, len(depths) + 1, spatial_dims, "strides")
         totals = [tuple(math.prod(f[a] for f in factors[:i + 2]) for a in range(spatial_dims))
                   for i in range(len(depths))]  # cumulative stride of each stage
         if sr_ratios is None:  # keys of every stage on the last stage's grid: 8, 4, 2, 1
             ratios = [tuple(last // t for last, t in zip(totals[-1], tot)) for tot in totals]
         else:
-            ratios = _per_axis(sr_ratios, len(depths), spatial_dims, "sr_ratios")
+            ratios = per_stage(sr_ratios, len(depths), spatial_dims, "sr_ratios")
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.stem = Stem(spatial_dims, in_chans, stem_chans, factors[0])
         self.stages = nn.ModuleList()

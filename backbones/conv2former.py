@@ -40,8 +40,9 @@ import torch.nn as nn
 from seg import ops
 
 from . import BACKBONES
-from .base import FeatureInfo, StagedBackbone, build_checked, check_out_indices, init_trunc_normal
-from .convnext import Downsample, Stage, Stem, stage_strides
+from .base import (FeatureInfo, StagedBackbone, build_checked, check_out_indices, init_trunc_normal,
+                   per_stage)
+from .convnext import Downsample, Stage, Stem
 
 __all__ = ["Conv2Former", "Conv2FormerBlock", "ConvMod", "checkpoint_filter_fn"]
 
@@ -142,16 +143,16 @@ class Conv2Former(StagedBackbone):
         self.spatial_dims = spatial_dims
         self.out_indices = check_out_indices(out_indices, len(depths))
         kernel = _check_kernel(kernel_size, spatial_dims)
-        per_stage = stage_strides(strides, spatial_dims)
+        factors = per_stage(strides, 4, spatial_dims, broadcast=False)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stem = Stem(spatial_dims, in_chans, dims[0], per_stage[0])
+        self.stem = Stem(spatial_dims, in_chans, dims[0], factors[0])
         self.stages = nn.ModuleList()
         self.feature_info: list[FeatureInfo] = []
         total = (1,) * spatial_dims
         for i in range(max(self.out_indices) + 1):
             down = (nn.Identity() if i == 0
-                    else Downsample(spatial_dims, dims[i - 1], dims[i], per_stage[i]))
-            total = tuple(a * b for a, b in zip(total, per_stage[i]))
+                    else Downsample(spatial_dims, dims[i - 1], dims[i], factors[i]))
+            total = tuple(a * b for a, b in zip(total, factors[i]))
             blocks = [Conv2FormerBlock(spatial_dims, dims[i], kernel, mlp_ratio, rate,
                                        layer_scale_init_value)
                       for rate in rates[sum(depths[:i]):sum(depths[:i + 1])]]

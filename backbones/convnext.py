@@ -28,7 +28,7 @@ from seg import ops
 
 from . import BACKBONES
 from .base import (FeatureInfo, StagedBackbone, build_checked, check_out_indices, init_trunc_normal,
-                   pad_to_multiple, run_blocks)
+                   pad_to_multiple, per_stage, run_blocks)
 
 __all__ = ["ConvNeXt", "checkpoint_filter_fn"]
 
@@ -98,14 +98,6 @@ class Stage(nn.Module):
         return run_blocks(self.blocks, x, self.grad_checkpointing)
 
 
-def stage_strides(strides: Sequence[Any], spatial_dims: int) -> list[tuple[int, ...]]:
-    """Per-stage per-axis stride factors from 4 entries, each an int or a per-axis tuple."""
-    if len(strides) != 4:
-        raise ValueError(f"strides needs one entry per stage (4), got {len(strides)}: {strides!r}")
-    out = [tuple(int(s) for s in ops.to_ntuple(s, spatial_dims)) for s in strides]
-    if any(s < 1 for st in out for s in st):
-        raise ValueError(f"strides must be positive, got {strides!r}")
-    return out
 
 
 class ConvNeXt(StagedBackbone):
@@ -142,17 +134,17 @@ class ConvNeXt(StagedBackbone):
             raise ValueError(f"ConvNeXt needs spatial_dims 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = spatial_dims
         self.out_indices = check_out_indices(out_indices, len(depths))
-        per_stage = stage_strides(strides, spatial_dims)
+        factors = per_stage(strides, 4, spatial_dims, broadcast=False)
         num_stages = max(self.out_indices) + 1
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
-        self.stem = Stem(spatial_dims, in_chans, dims[0], per_stage[0])
+        self.stem = Stem(spatial_dims, in_chans, dims[0], factors[0])
         self.stages = nn.ModuleList()
         self.feature_info: list[FeatureInfo] = []
-        total = per_stage[0]
+        total = factors[0]
         for i in range(num_stages):
             down = (nn.Identity() if i == 0
-                    else Downsample(spatial_dims, dims[i - 1], dims[i], per_stage[i]))
-            total = total if i == 0 else tuple(a * b for a, b in zip(total, per_stage[i]))
+                    else Downsample(spatial_dims, dims[i - 1], dims[i], factors[i]))
+            total = total if i == 0 else tuple(a * b for a, b in zip(total, factors[i]))
             block_rates = rates[sum(depths[:i]):sum(depths[:i + 1])]
             blocks = [Block(spatial_dims, dims[i], kernel_size, mlp_ratio, rate,
                             layer_scale_init_value) for rate in block_rates]

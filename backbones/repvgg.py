@@ -35,7 +35,7 @@ from seg.ops import DropPath, batch_norm, check_spatial_dims, conv, to_ntuple
 from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo, check_out_indices, run_blocks
+from .base import Backbone, FeatureInfo, check_out_indices, per_stage, run_blocks
 
 #: Stage widths before the width multipliers (stage0 = stem; widths of stages 1..4).
 BASE_WIDTHS = (64, 128, 256, 512)
@@ -211,7 +211,7 @@ class RepVGG(Backbone):
             raise ValueError(f"RepVGG needs spatial_dims 2 or 3, got {spatial_dims}")
         self.out_indices = check_out_indices(out_indices, len(depths) + 1)
         self.grad_checkpointing = grad_checkpointing
-        stage_strides = _stage_strides(strides, len(depths) + 1, spatial_dims)
+        stage_strides = per_stage(strides, len(depths) + 1, spatial_dims)
         widths = stage_widths(width_multipliers)
         self.feature_info: list[FeatureInfo] = []
         total = [1] * spatial_dims
@@ -261,15 +261,6 @@ def stage_widths(width_multipliers: Sequence[float]) -> list[int]:
 
 
 
-def _stage_strides(strides: Any, num_stages: int, spatial_dims: int) -> list[tuple[int, ...]]:
-    """Per-stage per-axis strides from an int, a per-axis tuple, or one entry per stage."""
-    if isinstance(strides, int) or (len(strides) == spatial_dims and
-                                    all(isinstance(s, int) for s in strides)):
-        strides = [strides] * num_stages
-    if len(strides) != num_stages:
-        raise ConfigError(f"RepVGG strides needs {num_stages} entries (one per stage), "
-                          f"got {strides!r}")
-    return [tuple(int(v) for v in to_ntuple(s, spatial_dims)) for s in strides]
 
 
 def _drop_path_rates(rate: float, num_blocks: int) -> list[float]:

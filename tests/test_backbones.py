@@ -214,3 +214,15 @@ def test_backbone_from_a_training_checkpoint(tmp_path) -> None:
     for key, value in seg_model.backbone.state_dict().items():
         torch.testing.assert_close(dst.state_dict()[key], value)
     load_pretrained(build_backbone("convnext_atto", 3), tmp_path / "best.pt")  # 2D run -> 3D
+
+
+def test_per_stage_values() -> None:
+    from backbones.base import per_stage
+    assert per_stage(2, 3, 3) == [(2, 2, 2)] * 3
+    assert per_stage((1, 2, 2), 4, 3) == [(1, 2, 2)] * 4            # one per-axis tuple for all
+    assert per_stage([(1, 2, 2), 2, 2, 2], 4, 3) == [(1, 2, 2)] + [(2, 2, 2)] * 3
+    assert per_stage((4, 2, 2), 3, 3) == [(4, 4, 4), (2, 2, 2), (2, 2, 2)]  # length = count: per stage
+    with pytest.raises(ValueError, match="strides needs 4 entries"):
+        per_stage((4, 2, 2), 4, 3, broadcast=False)
+    with pytest.raises(ValueError, match="sr_ratios must be positive"):
+        per_stage([1, 0], 2, 2, "sr_ratios")
