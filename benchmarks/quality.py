@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import shutil
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -53,7 +53,9 @@ class MonaiUNet(nn.Module):
 
 def run(name: str, dims: int, overrides: list[str], factory=None, minutes: float = 0.0,
         iterations: int | None = None) -> dict:
-    sets = [f"data.spatial_dims={dims}", f"train.output_dir='runs/bench_quality/{name}_{dims}d'",
+    folder = f"runs/bench_quality/{name}_{dims}d"
+    shutil.rmtree(folder, ignore_errors=True)  # a fresh run: the loop appends to existing logs
+    sets = [f"data.spatial_dims={dims}", f"train.output_dir='{folder}'",
             f"train.max_minutes={minutes}", *overrides]
     if iterations:
         sets.append(f"train.iterations={iterations}")
@@ -82,10 +84,9 @@ def step_and_validation_seconds(dims: int, overrides: list[str], factory, steps:
     validation time is the mean extra gap after each validation (which includes the next segment's
     fresh data stream, as in the full run).
     """
-    folder = Path(f"runs/bench_quality/calibrate_{dims}d")
-    run("calibrate", dims, [*overrides, f"train.val_every={val_every}",
-                             f"train.output_dir='{folder}'"], factory, iterations=steps)
-    with open(folder / "train_log.csv") as f:
+    run("calibrate", dims, [*overrides, f"train.val_every={val_every}"], factory,
+        iterations=steps)
+    with open(Path(f"runs/bench_quality/calibrate_{dims}d") / "train_log.csv") as f:
         seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
     gaps = {it: seconds[it - 1] - seconds[it - 2] for it in range(2, len(seconds) + 1)}  # before `it`
     after_val = [g for it, g in gaps.items() if (it - 1) % val_every == 0]
@@ -109,6 +110,9 @@ def main() -> None:
     ap.add_argument("--ours-run", nargs="*", default=[],
                     help="finished default runs to reuse, one per --dims, in the same order")
     ap.add_argument("--set", nargs="*", default=[], help="overrides applied to both runs")
+    ap.add_argument("--unet-iterations", type=int, nargs="*", default=[],
+                    help="the UNet's iteration counts, one per --dims, instead of sizing them from "
+                         "the calibration run (the budget is still a hard stop)")
     args = ap.parse_args()
     print("command: python " + " ".join(sys.argv), flush=True)
     factory = lambda c: MonaiUNet(c.data.spatial_dims, c.data.in_channels, c.data.num_classes)  # noqa: E731
@@ -119,11 +123,14 @@ def main() -> None:
         # Same wall-clock budget for the UNet; its schedule is sized from its measured step and
         # validation times so that steps and validations fill the budget (a hard stop as well).
         budget_s = ours["minutes"] * 60
-        step_s, val_s = step_and_validation_seconds(dims, args.set, factory)
-        val_every = apply_overrides(load_config(), args.set).train.val_every
-        iters = iterations_for_budget(budget_s, step_s, val_s, val_every)
-        print(f"{dims}D UNet: {step_s * 1000:.0f} ms/step, {val_s:.1f} s/validation -> {iters} iterations "
-              f"in {budget_s / 60:.1f} min", flush=True)
+        if i < len(args.unet_iterations):
+            iters = args.unet_iterations[i]
+        else:
+            step_s, val_s = step_and_validation_seconds(dims, args.set, factory)
+            val_every = apply_overrides(load_config(), args.set).train.val_every
+            iters = iterations_for_budget(budget_s, step_s, val_s, val_every)
+            print(f"{dims}D UNet: {step_s * 1000:.0f} ms/step, {val_s:.1f} s/validation -> {iters} "
+                  f"iterations in {budget_s / 60:.1f} min", flush=True)
         unet = run("monai_unet", dims, args.set, factory, minutes=ours["minutes"], iterations=iters)
         print(f"\n{dims}D, validation slabs, same wall-clock budget ({ours['minutes']:.1f} min):")
         print("| model | iterations | minutes | " + " | ".join(f"Dice {n}" for n in names)
