@@ -4,8 +4,9 @@
     python benchmarks/quality.py [--dims 3 2] [--ours-run runs/demo3d runs/demo2d] [--set key=value ...]
 
 Ours is the default ``hparam.py`` model trained as ``python train_seg.py`` trains it (or a finished
-run of it, ``--ours-run``); the MONAI UNet then gets the same wall-clock time (``train.max_minutes``,
-with an iteration count sized so its LR schedule ends within it).  Both go through the very same
+run of it, ``--ours-run``); the MONAI UNet then gets the same wall-clock time of the training loop
+(steps and validations; ``train.max_minutes``), with the same warm-up + cosine LR schedule driven by
+the clock instead of the iteration count, so it ends with the budget.  Both go through the very same
 training loop (seg.train.train: data, augmentation, loss CE + Dice, AdamW schedule, sliding-window
 validation on the demo's validation slabs).  The MONAI UNet has channels 16-32-64-128,
 strides 2, two residual units (a benchmark-only dependency).  Prints mean foreground Dice and
@@ -14,10 +15,13 @@ Boundary IoU per class of the final validation.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import math
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -75,33 +79,36 @@ def from_run(folder: Path, dims: int) -> dict:
             "minutes": float(last["seconds"]) / 60, **{k: float(v) for k, v in val.items()}}
 
 
-def step_and_validation_seconds(dims: int, overrides: list[str], factory, steps: int = 60,
-                                val_every: int = 30, warmup: int = 5) -> tuple[float, float]:
-    """Seconds per training step and per validation of ``factory``'s model, measured in the real loop.
+@contextlib.contextmanager
+def time_driven_schedule(budget_s: float):
+    """Make the loop's LR schedule follow wall-clock time instead of the iteration count.
 
-    A short run of ``steps`` iterations validating every ``val_every``: from its ``train_log.csv``
-    the step time is the mean gap between iterations within a segment (after ``warmup``), and the
-    validation time is the mean extra gap after each validation (which includes the next segment's
-    fresh data stream, as in the full run).
+    Same shape as ours (linear warm-up over ``train.warmup_iterations`` steps, then cosine or poly
+    decay), but the decay's progress is the elapsed fraction of ``budget_s`` since the scheduler was
+    built (just before the loop starts), so the schedule ends when the budget does, whatever the
+    step time. Patches ``seg.train.lr_lambda`` for the duration of the block.
     """
-    run("calibrate", dims, [*overrides, f"train.val_every={val_every}"], factory,
-        iterations=steps)
-    with open(Path(f"runs/bench_quality/calibrate_{dims}d") / "train_log.csv") as f:
-        seconds = [float(r["seconds"]) for r in csv.DictReader(f)]
-    gaps = {it: seconds[it - 1] - seconds[it - 2] for it in range(2, len(seconds) + 1)}  # before `it`
-    after_val = [g for it, g in gaps.items() if (it - 1) % val_every == 0]
-    plain = [g for it, g in gaps.items() if (it - 1) % val_every and it > warmup]
-    step_s = sum(plain) / len(plain)
-    return step_s, sum(after_val) / len(after_val) - step_s
+    import seg.train as st
 
+    original = st.lr_lambda
 
-def iterations_for_budget(budget_s: float, step_s: float, val_s: float, val_every: int) -> int:
-    """Most iterations whose steps plus validations (every ``val_every`` and at the end) fit the budget.
+    def timed(cfg_train):
+        warm, start = cfg_train.warmup_iterations, time.monotonic()
 
-    Leaves 3 % of the budget as slack for timing noise; ``train.max_minutes`` is the hard stop anyway.
-    """
-    iters = int((0.97 * budget_s - val_s) / (step_s + val_s / val_every))
-    return max(1, iters)
+        def factor(it: int) -> float:
+            if it < warm:
+                return (it + 1) / max(1, warm)
+            progress = min(1.0, (time.monotonic() - start) / budget_s)
+            if cfg_train.schedule == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return (1.0 - progress) ** 0.9
+        return factor
+
+    st.lr_lambda = timed
+    try:
+        yield
+    finally:
+        st.lr_lambda = original
 
 
 def main() -> None:
@@ -110,9 +117,6 @@ def main() -> None:
     ap.add_argument("--ours-run", nargs="*", default=[],
                     help="finished default runs to reuse, one per --dims, in the same order")
     ap.add_argument("--set", nargs="*", default=[], help="overrides applied to both runs")
-    ap.add_argument("--unet-iterations", type=int, nargs="*", default=[],
-                    help="the UNet's iteration counts, one per --dims, instead of sizing them from "
-                         "the calibration run (the budget is still a hard stop)")
     args = ap.parse_args()
     print("command: python " + " ".join(sys.argv), flush=True)
     factory = lambda c: MonaiUNet(c.data.spatial_dims, c.data.in_channels, c.data.num_classes)  # noqa: E731
@@ -120,18 +124,13 @@ def main() -> None:
     for i, dims in enumerate(args.dims):
         ours = from_run(Path(args.ours_run[i]), dims) if i < len(args.ours_run) else \
             run("ours", dims, args.set)
-        # Same wall-clock budget for the UNet; its schedule is sized from its measured step and
-        # validation times so that steps and validations fill the budget (a hard stop as well).
+        # Same wall-clock budget for the UNet, its LR schedule driven by the clock so that it ends
+        # with the budget; the stop comes at 99 % of it, leaving time for the final validation
+        # (ours' loop time includes its final validation too).
         budget_s = ours["minutes"] * 60
-        if i < len(args.unet_iterations):
-            iters = args.unet_iterations[i]
-        else:
-            step_s, val_s = step_and_validation_seconds(dims, args.set, factory)
-            val_every = apply_overrides(load_config(), args.set).train.val_every
-            iters = iterations_for_budget(budget_s, step_s, val_s, val_every)
-            print(f"{dims}D UNet: {step_s * 1000:.0f} ms/step, {val_s:.1f} s/validation -> {iters} "
-                  f"iterations in {budget_s / 60:.1f} min", flush=True)
-        unet = run("monai_unet", dims, args.set, factory, minutes=ours["minutes"], iterations=iters)
+        with time_driven_schedule(0.99 * budget_s):
+            unet = run("monai_unet", dims, args.set, factory, minutes=0.99 * ours["minutes"],
+                       iterations=10**7)
         print(f"\n{dims}D, validation slabs, same wall-clock budget ({ours['minutes']:.1f} min):")
         print("| model | iterations | minutes | " + " | ".join(f"Dice {n}" for n in names)
               + " | mean Dice | mean Boundary IoU |")
