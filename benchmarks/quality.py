@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import math
 import os
 import shutil
 import sys
@@ -98,10 +97,8 @@ def time_driven_schedule(budget_s: float):
         def factor(it: int) -> float:
             if it < warm:
                 return (it + 1) / max(1, warm)
-            progress = min(1.0, (time.monotonic() - start) / budget_s)
-            if cfg_train.schedule == "cosine":
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            return (1.0 - progress) ** 0.9
+            return st.decay_factor(min(1.0, (time.monotonic() - start) / budget_s),
+                                   cfg_train.schedule)
         return factor
 
     st.lr_lambda = timed

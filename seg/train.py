@@ -75,6 +75,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, i)
 
 
+def decay_factor(progress: float, schedule: str) -> float:
+    """The LR factor after warm-up at ``progress`` in [0, 1]: cosine, or poly(0.9), to zero."""
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return (1.0 - progress) ** 0.9
+
+
 def lr_lambda(cfg_train: Any) -> Any:
     """Linear warm-up then cosine or poly(0.9) decay to zero, as a LambdaLR factor."""
     total, warm = cfg_train.iterations, cfg_train.warmup_iterations
@@ -82,10 +89,7 @@ def lr_lambda(cfg_train: Any) -> Any:
     def factor(it: int) -> float:
         if it < warm:
             return (it + 1) / max(1, warm)
-        progress = min(1.0, (it - warm) / max(1, total - warm))
-        if cfg_train.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return (1.0 - progress) ** 0.9
+        return decay_factor(min(1.0, (it - warm) / max(1, total - warm)), cfg_train.schedule)
     return factor
 
 

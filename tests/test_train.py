@@ -89,6 +89,19 @@ def test_default_iterations_follow_the_dims() -> None:
         apply_overrides(Config(), ["train.iterations=0"]).validate()
 
 
+def test_lr_schedule_closed_form() -> None:
+    """Warm-up 10 of 110 steps: linear to 1, then cosine (or poly 0.9) over the remaining 100 to 0."""
+    from seg.train import lr_lambda
+    t = apply_overrides(Config(), ["train.iterations=110", "train.warmup_iterations=10"]).train
+    f = lr_lambda(t)
+    assert [f(i) for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert [f(10), f(35), f(60), f(85), f(110)] == pytest.approx(
+        [1.0, 0.5 + 0.5 * np.cos(np.pi / 4), 0.5, 0.5 - 0.5 * np.cos(np.pi / 4), 0.0])
+    assert f(500) == pytest.approx(0.0)  # clamped past the end
+    t.schedule = "poly"
+    assert lr_lambda(t)(60) == pytest.approx(0.5 ** 0.9)
+
+
 @pytest.mark.parametrize("dims", [2, 3])
 def test_train_end_to_end_and_checkpoint(dataset: Path, tmp_path: Path, dims: int) -> None:
     from seg.checkpoint import load_for_inference
