@@ -1,7 +1,8 @@
 """Rebuild the embedded demo data set (developers only; users get the committed files).
 
-Reads the raw sources (MNI ICBM152 2009a template from the nilearn 0.14.1 wheel and pyradiomics 3.0.1
-test cases) from ``--source`` and writes ``data/demo/``::
+Reads the raw sources (MNI ICBM152 2009a template from the nilearn 0.14.1 wheel, pyradiomics 3.0.1
+test cases and 200 Medical Segmentation Decathlon hippocampus cases) from ``--source`` and writes
+``data/demo/``::
 
     python data/build_demo.py --source ../shared/data
 
@@ -12,18 +13,71 @@ test cases) from ``--source`` and writes ``data/demo/``::
   the whole brain.  Slabs keep their true position (origin) in scanner space.
 * ``pyradiomics/``: brain1, brain2 (MR T1, LAS, 0.78x0.78x6.5 mm) as given, lung2 (CT, LPS) cropped
   around its tumour, as .nrrd with their labels.
+* ``hippocampus/``: MSD Task04, 200 subjects (0 background, 1 anterior, 2 posterior), image/label pairs
+  copied byte-for-byte (mixed uint8/float32 images and one float32 label map are left as found), with
+  ``dataset.json`` (nnU-Net v2 style), ``splits_final.json`` (nnU-Net format: 5 folds of 40 validation
+  cases from a seeded permutation; fold 0 is the default split) and ``LICENSE.txt`` (CC-BY-SA 4.0).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 MNI = "mni_icbm152_{}_tal_nlin_sym_09a_converted.nii.gz"
+MNI_LICENSE = """\
+MNI ICBM152 non-linear symmetric template, 2009a (as shipped inside the nilearn 0.14.1 wheel).
+
+Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological
+Institute, McGill University. Permission to use, copy, modify, and distribute this data and its
+documentation for any purpose and without fee is hereby granted, provided that the above copyright
+notice appear in all copies. The authors and McGill University make no representations about the
+suitability of this data for any purpose. It is provided "as is" without express or implied warranty.
+
+Derived here: labels 0 background, 1 grey matter, 2 white matter (foreground where
+max(gm, wm) >= 128 on the 0..255 probability maps; grey where gm >= wm); cropped to the brain and cut
+into {slab}-slice axial slabs (even slabs: training, odd slabs: validation). See data/build_demo.py.
+"""
+HIPPO_LICENSE = """\
+Hippocampus, Medical Segmentation Decathlon Task04: 200 of the task's 260 training cases
+(imagesTr/ and labelsTr/, hippocampus_NNN.nii.gz).
+
+Source: the Medical Segmentation Decathlon (http://medicaldecathlon.com/); Simpson et al. 2019,
+"A large annotated medical image dataset for the development and evaluation of segmentation
+algorithms", arXiv:1902.09063. Data from Vanderbilt University Medical Center. Obtained as committed
+in the public course repository udacity/nd320-c3-3d-imaging-starter (data/TrainingSet/).
+
+Licence: Creative Commons Attribution-ShareAlike 4.0 International (CC-BY-SA 4.0),
+https://creativecommons.org/licenses/by-sa/4.0/
+
+The image and label files here are unmodified, byte-for-byte copies of the source files, and stay
+under the same licence (CC-BY-SA 4.0): attribute the source above, and distribute this data and any
+data derived from it under the same licence. dataset.json and splits_final.json (the 5-fold split,
+see data/build_demo.py) describe the data; they are added here and are under the same licence.
+"""
+HIPPO_DATASET = {
+    "channel_names": {"0": "MRI"},
+    "labels": {"background": 0, "anterior": 1, "posterior": 2},
+    "numTraining": 200,
+    "file_ending": ".nii.gz",
+    "name": "Hippocampus (MSD Task04, 200 subjects)",
+    "description": "Hippocampus head (anterior) and body + tail (posterior), mono-modal MRI cropped "
+    "around one hippocampus, 1 mm isotropic; 200 of the 260 training cases of Medical Segmentation "
+    "Decathlon Task04, files copied unmodified",
+    "reference": "Medical Segmentation Decathlon (medicaldecathlon.com); Simpson et al. 2019, "
+    "arXiv:1902.09063; data from Vanderbilt University Medical Center; via "
+    "udacity/nd320-c3-3d-imaging-starter data/TrainingSet/",
+    "licence": "CC-BY-SA 4.0",
+    "licence_url": "https://creativecommons.org/licenses/by-sa/4.0/",
+}
+SPLIT_SEED = 12345
+BUILDS = ("mni152", "pyradiomics", "hippocampus")  # the folders of data/demo/ that main() rebuilds
 
 
 def write(img: sitk.Image, path: Path) -> None:
@@ -54,6 +108,7 @@ def build_mni(src: Path, out: Path, slab: int) -> None:
         name = f"mni152_slab{i:02d}.nii.gz"
         write(t1[box], out / "mni152" / f"images{split}" / name)
         write(lab[box], out / "mni152" / f"labels{split}" / name)
+    (out / "mni152" / "LICENSE.txt").write_text(MNI_LICENSE.format(slab=slab))
 
 
 def build_pyradiomics(src: Path, out: Path) -> None:
@@ -69,21 +124,69 @@ def build_pyradiomics(src: Path, out: Path) -> None:
     shutil.copy(d / "LICENSE.txt", out / "pyradiomics" / "LICENSE.txt")
 
 
+def case_names(folder: Path) -> list[str]:
+    return sorted(f.name[: -len(".nii.gz")] for f in folder.glob("*.nii.gz"))
+
+
+def kfold_splits(cases: list[str], folds: int = 5, seed: int = SPLIT_SEED) -> list[dict]:
+    """nnU-Net ``splits_final.json``: the sorted cases, permuted (seeded), cut into ``folds`` val sets."""
+    perm = np.random.default_rng(seed).permutation(sorted(cases))
+    vals = [sorted(v.tolist()) for v in np.array_split(perm, folds)]
+    return [{"train": sorted(set(cases) - set(v)), "val": v} for v in vals]
+
+
+def write_json(obj, path: Path) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def build_hippocampus(src: Path, out: Path) -> None:
+    d, o = src / "hippocampus", out / "hippocampus"
+    cases = case_names(d / "imagesTr")
+    if cases != case_names(d / "labelsTr"):
+        sys.exit(f"build_demo: {d}/imagesTr and labelsTr do not hold the same cases")
+    for sub in ("imagesTr", "labelsTr"):
+        (o / sub).mkdir(parents=True, exist_ok=True)
+        for case in cases:  # verbatim: dtypes (uint8/float32 images, a float32 label map) left as found
+            shutil.copyfile(d / sub / f"{case}.nii.gz", o / sub / f"{case}.nii.gz")
+    (o / "LICENSE.txt").write_text(HIPPO_LICENSE)
+    write_json({**HIPPO_DATASET, "numTraining": len(cases)}, o / "dataset.json")
+    write_json(kfold_splits(cases), o / "splits_final.json")
+
+
+def check_source(src: Path) -> None:
+    """Fail with one line, before anything is deleted, when a source folder is missing."""
+    need = ("mni152", "pyradiomics", "hippocampus/imagesTr", "hippocampus/labelsTr")
+    missing = [n for n in need if not (src / n).is_dir()]
+    if missing:
+        sys.exit(f"build_demo: --source {src} lacks {', '.join(f'{n}/' for n in missing)}")
+
+
+def list_files(out: Path, many: int = 10) -> None:
+    """Print each file with its size; folders holding more than ``many`` files as one line."""
+    for root, _, files in sorted(os.walk(out)):
+        paths = [Path(root) / f for f in sorted(files)]
+        if len(paths) > many:
+            mb = sum(p.stat().st_size for p in paths) / 1e6
+            print(f"{Path(root).relative_to(out)}/  {len(paths)} files  {mb:.2f} MB")
+            continue
+        for p in paths:
+            print(f"{p.relative_to(out)}  {p.stat().st_size / 1e6:.2f} MB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", default="../shared/data", help="folder with mni152/ and pyradiomics/")
+    ap.add_argument("--source", default="../shared/data", help="mni152/, pyradiomics/, hippocampus/ here")
     ap.add_argument("--out", default=str(Path(__file__).parent / "demo"))
     ap.add_argument("--slab", type=int, default=32, help="axial slices per slab")
     args = ap.parse_args()
-    out = Path(args.out)
-    for sub in ("mni152", "pyradiomics"):
+    src, out = Path(args.source), Path(args.out)
+    check_source(src)
+    for sub in BUILDS:
         shutil.rmtree(out / sub, ignore_errors=True)
-    build_mni(Path(args.source), out, args.slab)
-    build_pyradiomics(Path(args.source), out)
-    for root, _, files in sorted(os.walk(out)):
-        for f in sorted(files):
-            p = Path(root) / f
-            print(f"{p.relative_to(out)}  {p.stat().st_size / 1e6:.2f} MB")
+    build_mni(src, out, args.slab)
+    build_pyradiomics(src, out)
+    build_hippocampus(src, out)
+    list_files(out)
 
 
 if __name__ == "__main__":
