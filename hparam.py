@@ -27,26 +27,24 @@ class DataConfig:
     class_names: list[str] = field(default_factory=lambda: ["background", "grey_matter", "white_matter"])
     label_remap: dict[int, int] | None = None    # explicit opt-in remap of label values, e.g. {255: 1}
     in_channels: int = 1                         # image channels
-    patch_size_3d: tuple[int, int, int] = (64, 64, 32)   # 3D training patch (X, Y, Z) voxels
-    patch_size_2d: tuple[int, int] = (160, 192)  # 2D training patch (in-plane) pixels
-    slice_axis: int = 2                          # 2D: axis of (X, Y, Z) volumes to slice along (2 = axial)
-    target_spacing: tuple[float, ...] | None = None  # resample to this spacing (mm) first; None = native
-    normalization: str = "zscore"                # 'zscore', 'ct' (window) or 'none'
-    zscore_nonzero: bool = True                  # z-score over non-zero voxels (skull-stripped MRI)
-    ct_window: tuple[float, float] = (-1000.0, 1000.0)   # HU window for normalization='ct'
+    # ---- planned from the data (seg/plan.py): "auto" = the rule's value, printed at start and
+    # ---- written to RUN/plan.json; any explicit value overrides it (README: "The plan")
+    target_spacing: tuple[float, ...] | None | str = "auto"  # mm per axis; auto: median (thick axis of anisotropic data kept thick); None: native grids
+    patch_size: tuple[int, ...] | str = "auto"   # training patch (X, Y, Z) in 3D, the two in-plane axes in 2D; auto: median case, rounded up to the model's strides, within the budget
+    patch_voxel_budget: int | None = None        # patch budget in voxels; None: 131072 in 3D (64x64x32), 32768 in 2D
+    slice_axis: int | str = "auto"               # 2D: array axis of (X, Y, Z) volumes sliced along; auto: the thickest (ties: axial)
+    normalization: str | list[str] = "auto"      # 'zscore', 'zscore_nonzero', 'ct' (clip + z-score by training-set stats), 'window' (ct_window to [-1, 1]), 'none', or one per channel; auto: CT by HU range, non-zero masking by nnU-Net's crop rule
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)   # HU window for normalization='window'
+    intensity_stats: list[dict[str, float]] | None = None  # set by the plan: per-channel foreground mean/std/clip of the training set ('ct'); leave None
+    mirror_axes: tuple[int, ...] | str = "auto"  # axes of the patch mirrored in augmentation (and --tta); (): off; auto: all
+    rotation_axes: tuple[int, ...] | str = "auto"  # axes rotated about (augment_affine); auto: all, only the thick axis on anisotropic data
     foreground_ratio: float = 0.9                # share of patches centred on a labelled voxel
     samples_per_volume: int = 8                  # 3D: patches drawn from a volume each time it is loaded
     queue_length: int = 64                       # 3D: torchio queue length
     num_workers: int = 0                         # data-loading worker processes
-    augment_flip: bool = True                    # random mirroring
     augment_affine: bool = True                  # random scaling/rotation
     augment_elastic: bool = False                # random elastic deformation (slow on CPU)
     augment_intensity: bool = True               # random gamma / noise / bias field
-
-    @property
-    def patch_size(self) -> tuple[int, ...]:
-        """The training patch for the chosen ``spatial_dims``."""
-        return tuple(self.patch_size_3d if self.spatial_dims == 3 else self.patch_size_2d)
 
     @property
     def num_classes(self) -> int:
@@ -56,13 +54,12 @@ class DataConfig:
 @dataclass
 class PointRendConfig:
     enabled: bool = True                         # refine boundaries with the point head
-    train_num_points_2d: int = 1024              # N per 2D patch (~ cells of a stride-16 map of 256²·4)
-    train_num_points_3d: int = 4096              # N per 3D patch (surface grows ~side², see README)
+    train_num_points: int | str = "auto"         # N per training patch; auto: 1/32 of the patch cells (>= 256)
     oversample_ratio: float = 3.0                # k: candidates = k·N
     importance_sample_ratio: float = 0.75        # beta: share of N taken by uncertainty
     subdivision_steps: int | None = None         # None: until the input resolution is reached
-    subdivision_num_points_2d: int = 8192        # points re-rendered per 2D subdivision step
-    subdivision_num_points_3d: int = 6144        # points re-rendered per 3D subdivision step (10.9 % of dense at 64x64x32: benchmarks/pointrend.py)
+    subdivision_num_points: int | str = "auto"   # points re-rendered per subdivision step; auto: 3/64 of the patch cells in 3D (6144 at 64x64x32), 1/4 in 2D
+    in_features: list[str] | None = None         # backbone levels read by the point head; None: the level of stride closest to 4
     num_fc: int = 3                              # point head hidden layers
     fc_dim: int = 256                            # point head width
     coarse_pred_each_layer: bool = True          # re-concatenate coarse logits at every layer

@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("-m", "--model", required=True, help="checkpoint file (.pt) from train_seg.py")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
-    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (all axes)")
+    p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (along the axes mirrored in training)")
     p.add_argument("--blend", default="gaussian", choices=("gaussian", "constant", "hann"),
                    help="weighting of overlapping windows")
     p.add_argument("--save-probabilities", action="store_true",

@@ -7,6 +7,7 @@ Examples::
     python train_seg.py --set data.spatial_dims=2
     python train_seg.py --set model.backbone=repvgg_a0 model.head=mask train.iterations=500
     python train_seg.py --resume runs/demo/last.pt
+    python train_seg.py --plan-only            # show what the data decide (fingerprint and plan), stop
     torchrun --nproc_per_node=4 train_seg.py --set train.batch_size=2   # DDP, 4 processes (README)
 """
 from __future__ import annotations
@@ -26,6 +27,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="override config fields, e.g. data.spatial_dims=2 train.iterations=100")
     ap.add_argument("--resume", "--c", dest="resume", metavar="CHECKPOINT",
                     help="continue a run from its last.pt (model, optimiser, schedule, RNG)")
+    ap.add_argument("--plan-only", action="store_true",
+                    help="fingerprint the training cases, print the plan, write OUTPUT_DIR/plan.json, stop")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     ap.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
     return ap.parse_args(argv)
@@ -40,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     from seg.config import apply_overrides, load_config
     from seg.distributed import RankFailure
     from seg.errors import UserError
-    from seg.train import train
+    from seg.train import planned_config, train
 
     try:
         cfg = apply_overrides(load_config(args.config), args.set)
+        if args.plan_only:
+            planned_config(cfg, cfg.train.output_dir, progress=not args.no_progress)
+            print(f"plan written to {cfg.train.output_dir}/plan.json")
+            return 0
         result = train(cfg, resume=args.resume, progress=not args.no_progress)
     except (UserError, ValueError) as exc:
         if args.debug:

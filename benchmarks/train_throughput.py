@@ -31,18 +31,18 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from seg import distributed as distr  # noqa: E402
 from seg.config import apply_overrides, load_config  # noqa: E402
-from seg.train import (TrainForward, batches, build_training, prepare_data, resolve_device,  # noqa: E402
-                       seed_everything, train_step)
+from seg.train import (TrainForward, batches, build_training, planned_config, prepare_data,  # noqa: E402
+                       resolve_device, seed_everything, train_step)
 
 
 def measure(dims: int, steps: int, warmup: int, overrides: list[str],
             ctx: distr.DistContext | None = None) -> dict[str, float]:
     """Throughput of ``steps`` steps after ``warmup``; with ``ctx``, of this DDP process's share."""
-    cfg = apply_overrides(load_config(), [f"data.spatial_dims={dims}", *overrides]).validate()
+    cfg, cases = planned_config(apply_overrides(load_config(), [f"data.spatial_dims={dims}", *overrides]))
     ctx = ctx or distr.DistContext(device=resolve_device(cfg.train.device))
     device = ctx.device
     seed_everything(0)
-    data = prepare_data(cfg, ctx)
+    data = prepare_data(cfg, ctx, cases)
     model, opt, sched, scaler = build_training(cfg, device)
     step_model = distr.wrap_model(TrainForward(model), ctx) if ctx.distributed else model
     seed = distr.rank_seed(0, ctx.rank)

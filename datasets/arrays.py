@@ -17,7 +17,7 @@ import numpy as np
 from seg import io
 from seg.checkpoint import preprocessing_from
 from seg.errors import DataError
-from seg.preprocess import Preprocessing, normalize, resample, resampled_shape
+from seg.preprocess import Preprocessing, normalize, resample, target_grid
 
 from datasets.cases import Case
 
@@ -97,19 +97,6 @@ def as_class_indices(label: np.ndarray, label_remap: Mapping[int, int] | None) -
 def preprocessing_for(data_cfg: Any) -> Preprocessing:
     """The ``Preprocessing`` a checkpoint of this data config stores (so inference matches training)."""
     return preprocessing_from(types.SimpleNamespace(data=data_cfg))
-
-
-def target_grid(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float] | None,
-                slice_axis: int = 2) -> tuple[int, ...]:
-    """Grid size at ``target`` spacing; a 3-value target on a 2D image drops the ``slice_axis`` value."""
-    if target is None:
-        return tuple(shape)
-    target = list(target)
-    if len(target) == len(shape) + 1:
-        del target[slice_axis]
-    if len(target) != len(shape):
-        raise ValueError(f"target spacing {tuple(target)} does not fit an image of shape {tuple(shape)}")
-    return resampled_shape(shape, spacing, target)
 
 
 def check_channels(channels: int, dims: int, data_cfg: Any, path: Path) -> None:

@@ -24,10 +24,12 @@ import torchio as tio  # noqa: E402
 def augmentation_3d(data_cfg: Any) -> tio.Compose | None:
     """The torchio transforms switched on in ``data_cfg`` (None when all are off)."""
     transforms: list[tio.Transform] = []
-    if data_cfg.augment_flip:
-        transforms.append(tio.RandomFlip(axes=(0, 1, 2), flip_probability=0.5))
+    if data_cfg.mirror_axes:
+        transforms.append(tio.RandomFlip(axes=tuple(data_cfg.mirror_axes), flip_probability=0.5))
     if data_cfg.augment_affine:
-        transforms.append(tio.RandomAffine(scales=0.15, degrees=15, default_pad_value="mean", p=0.5))
+        # (low, high) angle per axis: 15 degrees about the planned rotation axes, none about the others
+        degrees = tuple(v for a in range(3) for v in ((-15, 15) if a in data_cfg.rotation_axes else (0, 0)))
+        transforms.append(tio.RandomAffine(scales=0.15, degrees=degrees, default_pad_value="mean", p=0.5))
     if data_cfg.augment_elastic:
         transforms.append(tio.RandomElasticDeformation(num_control_points=7, max_displacement=4, p=0.25))
     if data_cfg.augment_intensity:
@@ -47,10 +49,14 @@ class Augment2D:
 
     def __init__(self, data_cfg: Any, seed: int) -> None:
         geometric: list[A.BasicTransform] = []
-        if data_cfg.augment_flip:
-            geometric += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5)]
+        # patch axes (a, b) are albumentations' (height, width): VerticalFlip mirrors a, HorizontalFlip b
+        if 0 in data_cfg.mirror_axes:
+            geometric.append(A.VerticalFlip(p=0.5))
+        if 1 in data_cfg.mirror_axes:
+            geometric.append(A.HorizontalFlip(p=0.5))
         if data_cfg.augment_affine:
-            geometric.append(A.Affine(scale=(0.85, 1.15), rotate=(-15, 15), translate_percent=(-0.05, 0.05),
+            angle = 15 if data_cfg.rotation_axes else 0
+            geometric.append(A.Affine(scale=(0.85, 1.15), rotate=(-angle, angle), translate_percent=(-0.05, 0.05),
                                       interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
                                       border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0, p=0.5))
         if data_cfg.augment_elastic:

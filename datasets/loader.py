@@ -27,8 +27,8 @@ Batch = dict[str, torch.Tensor]
 def sample_shape(data_cfg: Any) -> tuple[int, int, int]:
     """The (X, Y, Z) block the sampler draws: the 3D patch, or the 2D patch with 1 at ``slice_axis``."""
     if data_cfg.spatial_dims == 3:
-        return tuple(int(p) for p in data_cfg.patch_size_3d)
-    size = [int(p) for p in data_cfg.patch_size_2d]
+        return tuple(int(p) for p in data_cfg.patch_size)
+    size = [int(p) for p in data_cfg.patch_size]
     size.insert(data_cfg.slice_axis, 1)
     return tuple(size)
 

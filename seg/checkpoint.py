@@ -3,7 +3,8 @@
 A checkpoint is a dict with:
     format_version, model (state dict), model_config (kwargs of ``seg.model.build_model``),
     spatial_dims, patch_size, slice_axis (2D models: the (X, Y, Z) axis sliced along),
-    preprocessing (``Preprocessing.to_dict()``), class_names, in_channels,
+    preprocessing (``Preprocessing.to_dict()``), class_names, in_channels, mirror_axes (of training,
+    used by test-time mirroring), plan (``RUN/plan.json``: the fingerprint summary and decisions),
     and, for resuming, optimizer, scheduler, scaler, iteration, rng, best, config.
 """
 from __future__ import annotations
@@ -56,23 +57,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def model_config_from(cfg: Any) -> dict[str, Any]:
     """Map the hparam ``Config`` to the JSON-friendly kwargs of ``seg.model.build_model``."""
     d, m = cfg.data, cfg.model
-    pr = m.pointrend
     dims = d.spatial_dims
-    pointrend = None
-    if pr.enabled:
-        pointrend = {
-            "train_num_points": pr.train_num_points_3d if dims == 3 else pr.train_num_points_2d,
-            "oversample_ratio": pr.oversample_ratio,
-            "importance_sample_ratio": pr.importance_sample_ratio,
-            "subdivision_steps": pr.subdivision_steps,
-            "subdivision_num_points": (pr.subdivision_num_points_3d if dims == 3
-                                       else pr.subdivision_num_points_2d),
-            "num_fc": pr.num_fc,
-            "fc_dim": pr.fc_dim,
-            "coarse_pred_each_layer": pr.coarse_pred_each_layer,
-            "image_features": pr.image_features,
-            "fine_stem_channels": pr.fine_stem_channels,
-        }
+    pointrend = dataclasses.asdict(m.pointrend) if m.pointrend.enabled else None
     return {
         "spatial_dims": dims,
         "in_channels": d.in_channels,
@@ -88,11 +74,24 @@ def model_config_from(cfg: Any) -> dict[str, Any]:
 def preprocessing_from(cfg: Any) -> Preprocessing:
     """The ``Preprocessing`` described by the data section of the config."""
     d = cfg.data
-    pp = Preprocessing(normalization=d.normalization, zscore_nonzero=d.zscore_nonzero,
-                       ct_window=tuple(d.ct_window),
+    unplanned = [f for f in ("normalization", "target_spacing") if getattr(d, f) == "auto"]
+    if unplanned:
+        raise ValueError(f"data.{unplanned[0]} is 'auto': resolve the plan first (seg.plan)")
+    norm = d.normalization if isinstance(d.normalization, str) else tuple(d.normalization)
+    stats = None if d.intensity_stats is None else tuple(dict(x) for x in d.intensity_stats)
+    pp = Preprocessing(normalization=norm, intensity_stats=stats, ct_window=tuple(d.ct_window),
                        target_spacing=None if d.target_spacing is None else tuple(d.target_spacing))
     pp.validate()
     return pp
+
+
+def upgrade_model_config(model_config: dict[str, Any]) -> dict[str, Any]:
+    """``model_config`` of a format-1 checkpoint (PointRend options without 'enabled' and
+    'in_features', which then meant: on, the stride-4 level) in the current form."""
+    out = dict(model_config)
+    if out.get("pointrend"):
+        out["pointrend"] = {"enabled": True, "in_features": None, **out["pointrend"]}
+    return out
 
 
 @dataclasses.dataclass
@@ -106,6 +105,7 @@ class InferenceBundle:
     preprocessing: Preprocessing
     class_names: list[str]
     in_channels: int
+    mirror_axes: tuple[int, ...] | None = None  # axes mirrored in training (--tta mirrors these)
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> InferenceBundle:
@@ -113,7 +113,7 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     from seg.model import build_model
 
     ckpt = load_checkpoint(path)
-    model = build_model(**ckpt["model_config"])
+    model = build_model(**upgrade_model_config(ckpt["model_config"]))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
@@ -127,4 +127,5 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
         preprocessing=Preprocessing.from_dict(ckpt["preprocessing"]),
         class_names=list(ckpt["class_names"]),
         in_channels=int(ckpt["model_config"].get("in_channels", 1)),
+        mirror_axes=None if ckpt.get("mirror_axes") is None else tuple(int(a) for a in ckpt["mirror_axes"]),
     )

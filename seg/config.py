@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from seg.errors import ConfigError
+from seg.preprocess import NORMALIZATIONS
 from seg.registry import unknown_name_message
 
 
@@ -90,6 +91,21 @@ def apply_overrides(cfg: Any, overrides: Sequence[str]) -> Any:
     return cfg
 
 
+def _auto_or(value: Any, check: Any) -> bool:
+    """``value`` is the string 'auto' (the plan decides) or passes ``check``."""
+    if isinstance(value, str) and value == "auto":
+        return True
+    try:
+        return bool(check(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _axes_ok(axes: Any, dims: int) -> bool:
+    return (isinstance(axes, (tuple, list)) and len(set(axes)) == len(axes)
+            and all(isinstance(a, int) and 0 <= a < dims for a in axes))
+
+
 def validate_config(cfg: Any) -> None:
     """Check the whole configuration; raise ConfigError with a clear message."""
     import backbones
@@ -100,16 +116,28 @@ def validate_config(cfg: Any) -> None:
         (d.spatial_dims in (2, 3), f"data.spatial_dims must be 2 or 3, got {d.spatial_dims!r}"),
         (len(d.class_names) >= 2, "data.class_names needs at least 2 names (background first)"),
         (len(set(d.class_names)) == len(d.class_names), "data.class_names has duplicates"),
-        (len(d.patch_size_3d) == 3 and all(p > 0 for p in d.patch_size_3d),
-         f"data.patch_size_3d must be 3 positive sizes, got {d.patch_size_3d}"),
-        (len(d.patch_size_2d) == 2 and all(p > 0 for p in d.patch_size_2d),
-         f"data.patch_size_2d must be 2 positive sizes, got {d.patch_size_2d}"),
-        (d.slice_axis in (0, 1, 2), f"data.slice_axis must be 0, 1 or 2, got {d.slice_axis}"),
+        (_auto_or(d.patch_size, lambda v: isinstance(v, (tuple, list)) and len(v) == d.spatial_dims
+                  and all(isinstance(p, int) and p > 0 for p in v)),
+         f"data.patch_size must be 'auto' or {d.spatial_dims} positive sizes, got {d.patch_size!r}"),
+        (d.patch_voxel_budget is None or d.patch_voxel_budget > 0, "data.patch_voxel_budget must be > 0"),
+        (_auto_or(d.slice_axis, lambda v: v in (0, 1, 2)),
+         f"data.slice_axis must be 'auto', 0, 1 or 2, got {d.slice_axis!r}"),
         (0.0 <= d.foreground_ratio <= 1.0, "data.foreground_ratio must be in [0, 1]"),
         (0.0 < d.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
-        (d.normalization in ("zscore", "ct", "none"), "data.normalization must be zscore, ct or none"),
-        (d.target_spacing is None or len(d.target_spacing) == 3,
-         "data.target_spacing must be None or 3 spacings (mm)"),
+        (_auto_or(d.normalization, lambda v: all(n in NORMALIZATIONS for n in ([v] if isinstance(v, str) else v))
+                  and (isinstance(v, str) or len(v) == d.in_channels)),
+         f"data.normalization must be 'auto', one of {', '.join(NORMALIZATIONS)} or one per channel, "
+         f"got {d.normalization!r}"),
+        (_auto_or(d.target_spacing, lambda v: v is None or (len(v) in (2, 3) and all(s > 0 for s in v))),
+         f"data.target_spacing must be 'auto', None or positive spacings (mm), got {d.target_spacing!r}"),
+        (_auto_or(d.mirror_axes, lambda v: _axes_ok(v, d.spatial_dims)),
+         f"data.mirror_axes must be 'auto' or distinct axes in 0..{d.spatial_dims - 1}, got {d.mirror_axes!r}"),
+        (_auto_or(d.rotation_axes, lambda v: _axes_ok(v, 3)),
+         f"data.rotation_axes must be 'auto' or distinct axes in 0..2, got {d.rotation_axes!r}"),
+        (_auto_or(m.pointrend.train_num_points, lambda v: isinstance(v, int) and v > 0),
+         "model.pointrend.train_num_points must be 'auto' or > 0"),
+        (_auto_or(m.pointrend.subdivision_num_points, lambda v: isinstance(v, int) and v > 0),
+         "model.pointrend.subdivision_num_points must be 'auto' or > 0"),
         (d.in_channels >= 1, "data.in_channels must be >= 1"),
         ((t.iterations is None or t.iterations > 0) and t.batch_size > 0
          and t.iterations_2d > 0 and t.iterations_3d > 0,

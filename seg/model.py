@@ -25,38 +25,12 @@ from seg.registry import unknown_name_message
 
 logger = logging.getLogger(__name__)
 
-#: Default training points per patch, by spatial dims.  The paper's semantic rule ("as many points
-#: as a stride-16 map of the crop", D2 Cityscapes 2048 for 512x1024) gives only 144 points for a
-#: 2D 192^2 patch and 108 for a 3D 96x96x48 patch, far too thin for small medical patches whose
-#: boundaries are a large fraction of the cells.  2D: 1024 = detectron2's semantic base config,
-#: 2.8% of a 192^2 patch, ~7 points per stride-16 cell.  3D: boundaries are surfaces, so they hold
-#: many more cells per coarse cell (a stride-16 cell face has 256 voxels); 4096 is the lower end of
-#: the 3D references (HASSC 4096, Q3 5120), 0.9% of a 96x96x48 patch.  The 3x256 point MLP on 4096
-#: points costs ~0.6 GMAC per sample, small next to any 3D backbone, so this is fine on CPU.
-DEFAULT_TRAIN_NUM_POINTS = {2: 1024, 3: 4096}
-
-#: Auto subdivision budget per step: c * (cells of the output)^((d-1)/d), i.e. c "full-resolution
-#: boundary sheets" -- boundaries are (d-1)-dimensional, so the budget grows like a surface, not a
-#: volume (POINTREND.md §10).  2D 512^2 -> 2048 per step; 3D 128^3 -> 65536 per step, which over the
-#: 3 steps from stride 8 evaluates 7.8% of the 128^3 cells that the dense point head evaluates.
-AUTO_POINTS_PER_SHEET = 4
-
-POINTREND_DEFAULTS: dict[str, Any] = {
-    "enabled": True,
-    "train_num_points": None,          # N at training; None -> DEFAULT_TRAIN_NUM_POINTS[dims]
-    "oversample_ratio": 3.0,           # k, candidates = k N (D2 default 3)
-    "importance_sample_ratio": 0.75,   # beta, most-uncertain fraction (D2 default 0.75)
-    "subdivision_steps": None,         # None -> until input size (per-axis schedule)
-    "subdivision_num_points": None,    # points per step; None -> AUTO_POINTS_PER_SHEET rule
-    "in_features": None,               # fine levels; None -> the level with stride closest to 4
-    "num_fc": 3,                       # point head hidden layers (D2 NUM_FC)
-    "fc_dim": 256,                     # point head width (D2 FC_DIM)
-    "coarse_pred_each_layer": False,   # D2 semantic configs: False (more stable)
-    "image_features": "none",          # input intensities at the points: 'none' (D2), 'point',
-                                       # 'neighbourhood' (point + face neighbours), pr.image_offsets
-    "fine_stem_channels": 0,           # >0: a light stride-2 conv branch on the input, sampled at
-                                       # the points as one more fine level (FineStem); 0: off (D2)
-}
+#: The point-head options, named as ``hparam.PointRendConfig`` names them.  Their defaults live
+#: there and only there (per-patch point budgets are planned from the data, ``seg.plan``); this
+#: module takes a complete set of values.
+POINTREND_OPTIONS = ("enabled", "train_num_points", "oversample_ratio", "importance_sample_ratio",
+                     "subdivision_steps", "subdivision_num_points", "in_features", "num_fc", "fc_dim",
+                     "coarse_pred_each_layer", "image_features", "fine_stem_channels")
 
 
 @dataclasses.dataclass
@@ -76,29 +50,30 @@ class TrainOutput:
     point_labels: torch.Tensor | None = None
 
 
-def resolve_pointrend_options(pointrend: dict | bool | None, spatial_dims: int) -> dict | None:
-    """Merge user options with ``POINTREND_DEFAULTS``; None when PointRend is off."""
+def resolve_pointrend_options(pointrend: Any) -> dict | None:
+    """The options of an ``hparam.PointRendConfig`` (or its dict) as a checked dict; None when off.
+
+    Raises:
+        ConfigError: unknown or missing options, a point budget still 'auto', a bad image mode.
+    """
     if pointrend is None or pointrend is False:
         return None
-    options = dict(POINTREND_DEFAULTS)
-    for key, value in ({} if pointrend is True else dict(pointrend)).items():
-        if key not in options:
-            raise ConfigError(unknown_name_message("pointrend option", key, options))
-        options[key] = value
+    options = dataclasses.asdict(pointrend) if dataclasses.is_dataclass(pointrend) else dict(pointrend)
+    for key in options:
+        if key not in POINTREND_OPTIONS:
+            raise ConfigError(unknown_name_message("pointrend option", key, POINTREND_OPTIONS))
+    missing = [k for k in POINTREND_OPTIONS if k not in options]
+    if missing:
+        raise ConfigError(f"pointrend options lack {', '.join(missing)}: pass a complete "
+                          "hparam.PointRendConfig (or its dict)")
+    for key in ("train_num_points", "subdivision_num_points"):
+        if not isinstance(options[key], int) or options[key] <= 0:
+            raise ConfigError(f"pointrend {key} must be a positive number, got {options[key]!r} "
+                              "('auto' is resolved by the plan, seg.plan)")
     if options["image_features"] not in pr.IMAGE_FEATURE_MODES:
         raise ConfigError(unknown_name_message("pointrend image_features", options["image_features"],
                                                pr.IMAGE_FEATURE_MODES))
-    if not options["enabled"]:
-        return None
-    if options["train_num_points"] is None:
-        options["train_num_points"] = DEFAULT_TRAIN_NUM_POINTS[spatial_dims]
-    return options
-
-
-def auto_subdivision_points(out_size: Sequence[int]) -> int:
-    """Points per subdivision step for an output of ``out_size`` (see AUTO_POINTS_PER_SHEET)."""
-    d = len(out_size)
-    return round(AUTO_POINTS_PER_SHEET * math.prod(out_size) ** ((d - 1) / d))
+    return options if options["enabled"] else None
 
 
 class FineStem(nn.Module):
@@ -232,7 +207,7 @@ class SegmentationModel(nn.Module):
             self.last_point_evaluations = math.prod(size)
             return pr.dense_point_inference(point_fn, coarse.shape[0], size, coarse.device,
                                             coarse.dtype)
-        num_points = self.pointrend["subdivision_num_points"] or auto_subdivision_points(size)
+        num_points = self.pointrend["subdivision_num_points"]
         logits, self.last_point_evaluations = pr.subdivision_inference(
             coarse, point_fn, size, num_points, self.pointrend["subdivision_steps"])
         return logits
@@ -259,12 +234,12 @@ class SegmentationModel(nn.Module):
 
 def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
                    head: str = "deeplab", head_kwargs: dict | None = None,
-                   pointrend: dict | bool | None = None, in_channels: int = 1) -> SegmentationModel:
+                   pointrend: Any = None, in_channels: int = 1) -> SegmentationModel:
     """Build heads for an existing backbone module (anything with ``feature_info``); ``in_channels``
     is the input's channel count (the point head reads it with ``image_features``)."""
     info = as_feature_info(backbone.feature_info, spatial_dims)
     coarse_head = build_head(head, info, num_classes, spatial_dims, **(head_kwargs or {}))
-    options = resolve_pointrend_options(pointrend, spatial_dims)
+    options = resolve_pointrend_options(pointrend)
     point_head = fine_stem = None
     if options is not None:
         names = options["in_features"] or [nearest_level(info, 4).name]
@@ -291,7 +266,7 @@ def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
 def build_model(spatial_dims: int, in_channels: int, num_classes: int,
                 backbone: str = "convnext_atto", backbone_kwargs: dict | None = None,
                 head: str = "deeplab", head_kwargs: dict | None = None,
-                pointrend: dict | bool | None = None) -> SegmentationModel:
+                pointrend: Any = None) -> SegmentationModel:
     """Build a segmentation model from JSON-friendly options.
 
     Args:
@@ -302,8 +277,8 @@ def build_model(spatial_dims: int, in_channels: int, num_classes: int,
         backbone_kwargs: options for ``backbones.build_backbone``.
         head: 'deeplab' or 'mask'.
         head_kwargs: options for the head (see ``heads``).
-        pointrend: None/False (no point head), True (defaults) or a dict of options overriding
-            ``POINTREND_DEFAULTS``.
+        pointrend: None/False (no point head), or an ``hparam.PointRendConfig`` / its dict with
+            every option of ``POINTREND_OPTIONS`` (point budgets resolved, not 'auto').
     """
     from backbones import build_backbone
 

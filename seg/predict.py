@@ -21,7 +21,7 @@ import torch
 from seg import io
 from seg.errors import DataError, UserError
 from seg.inference import predict_volume_2d, sliding_window_inference
-from seg.preprocess import normalize, resample, resampled_shape
+from seg.preprocess import normalize, resample, target_grid
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ class Predictor:
         bundle: from ``seg.checkpoint.load_for_inference`` (model in eval mode, patch size,
             preprocessing, class names, ...), or any object with the same fields.
         overlap: sliding-window overlap in [0, 1).
-        tta: mirror test-time augmentation over all spatial axes (or the given spatial axes).
+        tta: mirror test-time augmentation: True mirrors the axes mirrored in training (all axes for
+            checkpoints that do not say), or the given spatial axes.
         batch_size: windows per network call.
         blend: 'gaussian', 'hann' or 'constant'.
         output_device: where logits are accumulated (CPU keeps GPU memory to one batch).
@@ -66,6 +67,8 @@ class Predictor:
         self.spatial_dims = int(bundle.spatial_dims)
         self.patch_size = tuple(int(p) for p in bundle.patch_size)
         self.num_classes = len(bundle.class_names)
+        if tta is True and getattr(bundle, "mirror_axes", None) is not None:
+            tta = tuple(bundle.mirror_axes)  # the axes the model was trained mirrored along
         self.window_kwargs = dict(overlap=overlap, tta=tta, batch_size=batch_size, blend=blend,
                                   output_device=output_device, progress=progress)
 
@@ -127,12 +130,7 @@ class Predictor:
             return shape
         if spacing is None:
             raise ValueError("this checkpoint resamples to a target spacing: pass the image spacing")
-        target = list(target)
-        if len(target) == len(shape) - 1 and self.bundle.slice_axis is not None:
-            target.insert(int(self.bundle.slice_axis), spacing[int(self.bundle.slice_axis)])  # in-plane only
-        if len(target) != len(shape):
-            raise ValueError(f"target spacing {tuple(target)} does not fit an image of shape {shape}")
-        return resampled_shape(shape, spacing, target)
+        return target_grid(shape, spacing, target, self.bundle.slice_axis)
 
     def predict_file(self, in_paths: str | os.PathLike | Sequence[str | os.PathLike],
                      out_path: str | os.PathLike, probabilities_path: str | os.PathLike | None = None

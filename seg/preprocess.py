@@ -14,7 +14,10 @@ import torch
 
 from seg import ops
 
-NORMALIZATIONS = ("zscore", "ct", "none")
+#: intensity schemes (``data.normalization``): z-score per image with the statistics of all voxels, or
+#: of the non-zero voxels only (applied to all: zero stays the darkest value), CT (clip to the training set's foreground 0.5-99.5 percentiles and z-score
+#: with its foreground mean and std, as nnU-Net), a fixed HU window scaled to [-1, 1], none
+NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "window", "none")
 
 
 @dataclasses.dataclass
@@ -22,23 +25,30 @@ class Preprocessing:
     """How raw intensities and grids become network input.
 
     Attributes:
-        normalization: 'zscore' (per image and channel), 'ct' (clip to ``ct_window`` then scale to
-            [-1, 1]... see ``normalize``) or 'none'.
-        zscore_nonzero: compute z-score statistics over non-zero voxels only (skull-stripped MRI)
-            and leave the zero background at the normalised value of 0 intensity.
-        ct_window: (low, high) Hounsfield window for 'ct'.
+        normalization: one of ``NORMALIZATIONS`` for every channel, or one per channel.
+        intensity_stats: per channel {mean, std, clip_low, clip_high} of the training set's
+            foreground ('ct' needs them; the plan fills them in), or None.
+        ct_window: (low, high) Hounsfield window for 'window'.
         target_spacing: resample to this spacing (mm, per spatial axis) before the network; None keeps
             the native grid.
     """
 
-    normalization: str = "zscore"
-    zscore_nonzero: bool = False
+    normalization: str | tuple[str, ...] = "zscore"
+    intensity_stats: tuple[dict[str, float], ...] | None = None
     ct_window: tuple[float, float] = (-1000.0, 1000.0)
     target_spacing: tuple[float, ...] | None = None
 
+    def scheme(self, channel: int) -> str:
+        """The normalisation scheme of ``channel``."""
+        return self.normalization if isinstance(self.normalization, str) else self.normalization[channel]
+
     def validate(self) -> None:
-        if self.normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
+        schemes = [self.normalization] if isinstance(self.normalization, str) else list(self.normalization)
+        bad = [n for n in schemes if n not in NORMALIZATIONS]
+        if bad:
+            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {bad[0]!r}")
+        if "ct" in schemes and not self.intensity_stats:
+            raise ValueError("normalization 'ct' needs the training set's intensity statistics")
         lo, hi = self.ct_window
         if not lo < hi:
             raise ValueError(f"ct_window must be (low, high) with low < high, got {self.ct_window}")
@@ -51,6 +61,14 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
         d = dict(d)
+        if d.pop("zscore_nonzero", False) and d.get("normalization") == "zscore":  # format 1
+            d["normalization"] = "zscore_nonzero"
+        if d.get("normalization") == "ct" and not d.get("intensity_stats"):  # format 1: 'ct' was the window
+            d["normalization"] = "window"
+        norm = d.get("normalization", "zscore")
+        d["normalization"] = norm if isinstance(norm, str) else tuple(norm)
+        stats = d.get("intensity_stats")
+        d["intensity_stats"] = None if stats is None else tuple(dict(x) for x in stats)
         d["ct_window"] = tuple(d.get("ct_window", (-1000.0, 1000.0)))
         ts = d.get("target_spacing")
         d["target_spacing"] = None if ts is None else tuple(float(s) for s in ts)
@@ -58,7 +76,7 @@ class Preprocessing:
 
 
 def normalize(image: np.ndarray, pp: Preprocessing) -> np.ndarray:
-    """Normalise intensities of a channels-first array.
+    """Normalise intensities of a channels-first array, channel by channel.
 
     Args:
         image: (C, *S) array of any numeric dtype.
@@ -68,23 +86,47 @@ def normalize(image: np.ndarray, pp: Preprocessing) -> np.ndarray:
         (C, *S) float32 array.
     """
     x = image.astype(np.float32, copy=True)
-    if pp.normalization == "ct":
-        lo, hi = pp.ct_window
-        np.clip(x, lo, hi, out=x)
-        return ((x - lo) / (hi - lo) * 2.0 - 1.0).astype(np.float32)
-    if pp.normalization == "none":
-        return x
     for c in range(x.shape[0]):
-        ch = x[c]
-        mask = ch != 0 if pp.zscore_nonzero else np.ones(ch.shape, bool)
-        vals = ch[mask]
-        if vals.size == 0:
-            continue
-        mean, std = float(vals.mean()), float(vals.std())
-        ch[mask] = (vals - mean) / max(std, 1e-8)
-        if pp.zscore_nonzero:
-            ch[~mask] = 0.0
+        x[c] = normalize_channel(x[c], pp.scheme(c), pp, c)
     return x
+
+
+def normalize_channel(ch: np.ndarray, scheme: str, pp: Preprocessing, channel: int) -> np.ndarray:
+    """One float32 channel (*S) normalised by ``scheme`` (in place where possible)."""
+    if scheme == "none":
+        return ch
+    if scheme == "window":
+        lo, hi = pp.ct_window
+        np.clip(ch, lo, hi, out=ch)
+        return (ch - lo) / (hi - lo) * 2.0 - 1.0
+    if scheme == "ct":
+        st = pp.intensity_stats[channel]
+        np.clip(ch, st["clip_low"], st["clip_high"], out=ch)
+        return (ch - st["mean"]) / max(st["std"], 1e-8)
+    # zscore_nonzero: statistics of the non-zero voxels, applied to every voxel, so zero (air, or
+    # the outside of a skull-stripped brain) stays the darkest value instead of the tissue mean
+    vals = ch[ch != 0] if scheme == "zscore_nonzero" else ch
+    if vals.size == 0:
+        return ch
+    mean, std = float(vals.mean(dtype=np.float64)), float(vals.std(dtype=np.float64))
+    return (ch - mean) / max(std, 1e-8)
+
+
+def target_grid(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float] | None,
+                slice_axis: int | None = 2) -> tuple[int, ...]:
+    """Grid size at ``target`` spacing (None: ``shape``); a 3-value target on a 2D image (a 2D model
+    trained on volumes) drops the ``slice_axis`` value."""
+    if target is None:
+        return tuple(int(s) for s in shape)
+    target = list(target)
+    axis = 2 if slice_axis is None else int(slice_axis)
+    if len(target) == len(shape) + 1:
+        del target[axis]
+    elif len(target) == len(shape) - 1:  # in-plane target of a 2D model on a volume: keep the slices
+        target.insert(axis, spacing[axis])
+    if len(target) != len(shape):
+        raise ValueError(f"target spacing {tuple(target)} does not fit an image of shape {tuple(shape)}")
+    return resampled_shape(shape, spacing, target)
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float],

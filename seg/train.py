@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from seg import distributed as distr
+from seg import plan as planning
 from seg.checkpoint import atomic_torch_save, load_checkpoint, model_config_from, preprocessing_from
 from seg.errors import ConfigError, UserError
 
@@ -127,8 +128,8 @@ class DataBundle:
     val_index: list[int] | None = None  # their positions in val_cases (None: all, in order)
 
 
-def prepare_data(cfg: Any, ctx: distr.DistContext | None = None) -> DataBundle:
-    """Find, pair, check and split cases; preload this process's share of the validation volumes."""
+def find_data(cfg: Any) -> tuple[list, list]:
+    """Find, pair, check and split the cases: (training cases, validation cases)."""
     import datasets as ds
 
     d = cfg.data
@@ -142,9 +143,55 @@ def prepare_data(cfg: Any, ctx: distr.DistContext | None = None) -> DataBundle:
         train_cases, val_cases = ds.split_cases(cases, d.val_fraction, cfg.train.seed)
     for case in list(train_cases) + list(val_cases):
         ds.check_case(case, d.num_classes, label_remap=d.label_remap, data_cfg=d)
+    return train_cases, val_cases
+
+
+def plan_run(cfg: Any, train_cases: list, out_dir: Path | None, ctx: distr.DistContext | None = None,
+             progress: bool = True) -> tuple[Any, list, dict]:
+    """Fingerprint the training cases (cached in ``out_dir/fingerprint.json``), resolve every 'auto'
+    field (``seg.plan``), show the plan and write ``out_dir/plan.json`` (rank 0).
+
+    Returns:
+        (the planned config, the decisions, the fingerprint).
+    """
+    ctx = ctx or distr.DistContext()
+    main = ctx.is_main and out_dir is not None
+    fp = planning.compute_fingerprint(train_cases, cfg.data, out_dir / "fingerprint.json" if main else None,
+                                      progress=progress and ctx.is_main)
+    decisions = planning.make_plan(fp, cfg, planning.level_strides(cfg))
+    planned = planning.apply_plan(cfg, decisions)
+    if planned.data.intensity_stats is None:
+        planned.data.intensity_stats = planning.intensity_statistics(fp)
+    planned.validate()
+    if ctx.is_main:
+        tqdm.write(planning.format_tables(fp, decisions))
+    if main:
+        planning.write_json_atomic(planning.plan_record(fp, decisions), out_dir / "plan.json")
+    return planned, decisions, fp
+
+
+def planned_config(cfg: Any, out_dir: str | Path | None = None, progress: bool = False
+                   ) -> tuple[Any, tuple[list, list]]:
+    """``cfg`` with its plan resolved, and its (training, validation) cases: what ``train`` does
+    before the first step (benchmarks and tests use it to get the same settings)."""
+    cfg = with_iterations(cfg.validate())
+    cases = find_data(cfg)
+    out = None if out_dir is None else Path(out_dir)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    return plan_run(cfg, cases[0], out, progress=progress)[0], cases
+
+
+def prepare_data(cfg: Any, ctx: distr.DistContext | None = None, cases: tuple[list, list] | None = None
+                 ) -> DataBundle:
+    """Cases (``find_data``, unless given) and this process's share of the validation volumes,
+    preloaded with the (planned) preprocessing."""
+    import datasets as ds
+
+    train_cases, val_cases = cases if cases is not None else find_data(cfg)
     ctx = ctx or distr.DistContext()
     val_index = distr.shard(range(len(val_cases)), ctx.rank, ctx.world_size)
-    val_data = [ds.load_case_arrays(val_cases[i], d) for i in val_index]
+    val_data = [ds.load_case_arrays(val_cases[i], cfg.data) for i in val_index]
     if ctx.is_main:
         log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
     return DataBundle(train_cases, val_cases, val_data, val_index)
@@ -209,8 +256,8 @@ def validate(model: torch.nn.Module, data: DataBundle, cfg: Any, device: torch.d
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: int, best: float
-                     ) -> dict[str, Any]:
+def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: int, best: float,
+                     plan: dict[str, Any] | None = None) -> dict[str, Any]:
     d = cfg.data
     return {
         "format_version": 1,
@@ -222,6 +269,8 @@ def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: i
         "preprocessing": preprocessing_from(cfg).to_dict(),
         "class_names": list(d.class_names),
         "in_channels": d.in_channels,
+        "mirror_axes": list(d.mirror_axes),
+        "plan": plan,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
@@ -361,13 +410,16 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
 
     t, device = cfg.train, ctx.device
     seed_everything(t.seed)
-    with ctx.guard("data preparation"):
-        data = prepare_data(cfg, ctx)
-        train_cases = distr.train_shard(data.train_cases, ctx.rank, ctx.world_size)
     out_dir = Path(t.output_dir)
-    with ctx.guard("model set-up"):
+    with ctx.guard("data preparation"):
         if ctx.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
+        cases = find_data(cfg)
+        cfg, decisions, fingerprint = plan_run(cfg, cases[0], out_dir, ctx, progress)
+        data = prepare_data(cfg, ctx, cases)
+        train_cases = distr.train_shard(data.train_cases, ctx.rank, ctx.world_size)
+    plan = planning.plan_record(fingerprint, decisions)
+    with ctx.guard("model set-up"):
         model, optimizer, scheduler, scaler = build_training(cfg, device, model_factory)
         if t.sync_batchnorm:
             model = distr.convert_sync_batchnorm(model, ctx)
@@ -419,7 +471,7 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
                     val_csv.write({"iteration": it, **metrics})
                     for k, v in metrics.items():
                         writer.add_scalar(f"val/{k}", v, it)
-                    state = checkpoint_state(cfg, model, optimizer, scheduler, scaler, it, best)
+                    state = checkpoint_state(cfg, model, optimizer, scheduler, scaler, it, best, plan)
                     if metrics["dice/mean"] > best:
                         state["best"] = metrics["dice/mean"]
                         atomic_torch_save(state, out_dir / "best.pt")

@@ -54,9 +54,10 @@ def make_case(folder: Path, name: str, ext: str = ".nii.gz", label: np.ndarray |
 
 
 def data_cfg(dims: int = 3, **kw) -> DataConfig:
-    base = dict(spatial_dims=dims, class_names=["bg", "outer", "inner"], patch_size_3d=(16, 20, 12),
-                patch_size_2d=(24, 20), samples_per_volume=2, queue_length=4, zscore_nonzero=False,
-                augment_elastic=False)
+    base = dict(spatial_dims=dims, class_names=["bg", "outer", "inner"],
+                patch_size=(16, 20, 12) if dims == 3 else (24, 20), samples_per_volume=2, queue_length=4,
+                normalization="zscore", target_spacing=None, slice_axis=2,
+                mirror_axes=tuple(range(dims)), rotation_axes=(0, 1, 2), augment_elastic=False)
     base.update(kw)
     return DataConfig(**base)
 
@@ -233,15 +234,19 @@ def test_load_case_arrays_zscore_spacing_and_order(tmp_path: Path) -> None:
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(case.image)))
     image[label == 0] = 0  # skull-stripped-like: zero background
     write(case.image, image)
-    arr = ds.load_case_arrays(case, data_cfg(zscore_nonzero=True))
+    arr = ds.load_case_arrays(case, data_cfg(normalization="zscore_nonzero"))
     assert arr.image.shape == (1, 30, 26, 20) and arr.image.dtype == np.float32  # (C, X, Y, Z)
     assert arr.label.shape == (30, 26, 20) and arr.label.dtype == np.int64
     assert arr.spacing == pytest.approx(SPACING)
     np.testing.assert_array_equal(arr.label, label.transpose(2, 1, 0))
     fg = arr.image[0][arr.label > 0]
     assert abs(fg.mean()) < 1e-4 and abs(fg.std() - 1) < 1e-3
-    assert np.all(arr.image[0][arr.label == 0] == 0)
-    arr = ds.load_case_arrays(case, data_cfg(zscore_nonzero=False))
+    # statistics of the non-zero voxels, applied to all: the zero background is the darkest value
+    nonzero = image[image != 0].astype(np.float64)
+    expected = (0 - nonzero.mean()) / nonzero.std()
+    np.testing.assert_allclose(arr.image[0][arr.label == 0], expected, rtol=1e-4)
+    assert expected < arr.image[0][arr.label > 0].min()
+    arr = ds.load_case_arrays(case, data_cfg(normalization="zscore"))
     assert abs(arr.image.mean()) < 1e-4 and abs(arr.image.std() - 1) < 1e-3
 
 
@@ -297,7 +302,7 @@ def test_3d_loader_worker_processes_deterministic(cases3d) -> None:
 
 
 def test_3d_loader_all_augmentations(cases3d) -> None:
-    cfg = data_cfg(3, augment_elastic=True, augment_affine=True, augment_flip=True, augment_intensity=True)
+    cfg = data_cfg(3, augment_elastic=True, augment_affine=True, augment_intensity=True)
     for b in first_batches(cases3d, cfg, seed=0, n=3):
         assert_batch(b, (16, 20, 12))
 
@@ -317,7 +322,7 @@ def test_3d_loader_foreground_ratio(tmp_path: Path) -> None:
 
 def test_3d_loader_volume_smaller_than_patch(tmp_path: Path) -> None:
     cases = [make_case(tmp_path, "small", label=spheres((6, 9, 7), radii=(2, 3)))]
-    for b in first_batches(cases, data_cfg(3, patch_size_3d=(16, 20, 12)), seed=0):
+    for b in first_batches(cases, data_cfg(3, patch_size=(16, 20, 12)), seed=0):
         assert_batch(b, (16, 20, 12))
         assert (b["label"] > 0).any()
 
@@ -325,7 +330,7 @@ def test_3d_loader_volume_smaller_than_patch(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- 2D loader
 @pytest.mark.parametrize("slice_axis", [0, 2])
 def test_2d_loader_slices_shapes_and_determinism(cases3d, slice_axis: int) -> None:
-    cfg = data_cfg(2, slice_axis=slice_axis, patch_size_2d=(24, 20))
+    cfg = data_cfg(2, slice_axis=slice_axis, patch_size=(24, 20))
     a = first_batches(cases3d, cfg, seed=2)
     for b in a:
         assert_batch(b, (24, 20))
@@ -343,8 +348,8 @@ def test_2d_augmentation_keeps_image_and_label_aligned(cases3d, tmp_path: Path) 
         lab = sitk.ReadImage(str(case.label))
         img = sitk.Cast(lab, sitk.sitkFloat32) * 100.0
         sitk.WriteImage(img, str(case.image))
-    cfg = data_cfg(2, normalization="none", augment_flip=True, augment_affine=True, augment_elastic=False,
-                   augment_intensity=False, foreground_ratio=1.0, patch_size_2d=(28, 24))
+    cfg = data_cfg(2, normalization="none", augment_affine=True, augment_elastic=False,
+                   augment_intensity=False, foreground_ratio=1.0, patch_size=(28, 24))
     agree = []
     for b in first_batches(cases3d, cfg, seed=0, n=6, batch_size=4):
         agree.append(((b["image"][:, 0] > 50) == (b["label"] > 0)).float().mean())
@@ -365,7 +370,7 @@ def test_native_2d_png_cases(tmp_path: Path) -> None:
     cases = ds.find_cases(tmp_path / "images", tmp_path / "labels")
     for c in cases:
         ds.check_case(c, 3)
-    cfg = data_cfg(2, patch_size_2d=(32, 48))
+    cfg = data_cfg(2, patch_size=(32, 48))
     arr = ds.load_case_arrays(cases[0], cfg)
     assert arr.image.shape == (1, 34, 40) and arr.label.shape == (34, 40) and len(arr.spacing) == 2
     for b in first_batches(cases, cfg, seed=0):
@@ -376,7 +381,10 @@ def test_native_2d_png_cases(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- demo data
 def test_demo_mni152_slabs() -> None:
-    cfg = DataConfig()
+    from hparam import Config
+    from seg.train import planned_config
+    cfg = planned_config(Config())[0].data  # the defaults, planned from the demo's training slabs
+    assert cfg.normalization == "zscore_nonzero" and cfg.patch_size == (64, 64, 32)
     cases = ds.find_cases(DEMO / "imagesTr", DEMO / "labelsTr")
     assert [c.name for c in cases] == ["mni152_slab00", "mni152_slab02", "mni152_slab04"]
     for c in cases:
@@ -384,7 +392,9 @@ def test_demo_mni152_slabs() -> None:
     arr = ds.load_case_arrays(cases[1], cfg)
     assert arr.image.shape[0] == 1 and arr.image.shape[-1] == 32 and arr.spacing == pytest.approx((1, 1, 1))
     assert set(np.unique(arr.label)) == {0, 1, 2}
-    brain = arr.image[0][arr.image[0] != 0]
+    raw = sitk.GetArrayFromImage(sitk.ReadImage(str(cases[1].image))).transpose(2, 1, 0)
+    brain = arr.image[0][raw != 0]
     assert abs(brain.mean()) < 1e-3 and abs(brain.std() - 1) < 1e-3
+    assert np.all(arr.image[0][raw == 0] < brain.min())
     batch = first_batches(cases, cfg, seed=0, n=1, batch_size=2)[0]
     assert_batch(batch, cfg.patch_size)

@@ -14,8 +14,9 @@ from heads.deeplab import default_atrous_rates
 from seg import ops
 from seg import pointrend as pr
 from seg.errors import ConfigError
-from seg.model import (DEFAULT_TRAIN_NUM_POINTS, SegmentationModel, TrainOutput,
-                       assemble_model, auto_subdivision_points, build_model)
+from seg.model import SegmentationModel, TrainOutput, assemble_model, build_model
+
+from conftest import point_options
 
 SIZES = {2: (37, 45), 3: (19, 27, 23)}  # odd, non-cubic, not multiples of the strides
 DIMS = [2, 3]
@@ -68,7 +69,7 @@ def _model(d, head="deeplab", pointrend=True, k=3, **bb):
         {"fc_dim": 32}
     if head == "mask":
         bb.setdefault("channels", (6,))  # the mask head reads one level only
-    pr_opts = {"train_num_points": 64, "fc_dim": 16} if pointrend is True else pointrend
+    pr_opts = point_options(fc_dim=16) if pointrend is True else pointrend
     return assemble_model(TinyBackbone(d, 2, **bb), d, k, head, head_kwargs, pr_opts)
 
 
@@ -192,22 +193,29 @@ def test_anisotropic_3d_subdivision():
 
 
 def test_options_json_and_errors():
-    opts = {"train_num_points": 32, "oversample_ratio": 3, "importance_sample_ratio": 0.75,
-            "subdivision_steps": None, "subdivision_num_points": None, "in_features": ["s0", "s1"],
-            "num_fc": 2, "fc_dim": 8, "coarse_pred_each_layer": True, "enabled": True}
+    opts = point_options(train_num_points=32, in_features=["s0", "s1"], num_fc=2, fc_dim=8,
+                         coarse_pred_each_layer=True)
     assert json.loads(json.dumps(opts)) == opts
     model = assemble_model(TinyBackbone(2, 1), 2, 2, "deeplab", {"channels": 8}, opts)
     assert model.point_head.fcs[0].in_channels == 6 + 8 + 2  # two fine levels + K
     x = torch.randn(1, 1, 33, 35)
     assert model.forward_infer(x).shape == (1, 2, 33, 35)
     with pytest.raises(ConfigError, match="train_num_points"):
-        assemble_model(TinyBackbone(2, 1), 2, 2, pointrend={"train_num_point": 3})
+        assemble_model(TinyBackbone(2, 1), 2, 2, pointrend={**point_options(), "train_num_point": 3})
     with pytest.raises(ConfigError, match="s1"):
-        assemble_model(TinyBackbone(2, 1), 2, 2, pointrend={"in_features": ["s7"]})
-    assert _model(2, pointrend={"enabled": False}).point_head is None
-    assert _model(3, pointrend={}).pointrend["train_num_points"] == DEFAULT_TRAIN_NUM_POINTS[3]
-    assert auto_subdivision_points((512, 512)) == 2048
-    assert auto_subdivision_points((128, 128, 128)) == 65536
+        assemble_model(TinyBackbone(2, 1), 2, 2, pointrend=point_options(in_features=["s7"]))
+    assert _model(2, pointrend=point_options(enabled=False)).point_head is None
+    # the library holds no defaults: incomplete options and unplanned budgets are errors
+    partial = point_options()
+    del partial["fc_dim"]
+    with pytest.raises(ConfigError, match="lack fc_dim"):
+        assemble_model(TinyBackbone(2, 1), 2, 2, pointrend=partial)
+    with pytest.raises(ConfigError, match="'auto'"):
+        assemble_model(TinyBackbone(2, 1), 2, 2, pointrend=point_options(train_num_points="auto"))
+    from hparam import PointRendConfig
+    model = assemble_model(TinyBackbone(2, 1), 2, 2, pointrend=PointRendConfig(
+        train_num_points=96, subdivision_num_points=300))  # the dataclass itself is accepted
+    assert model.pointrend["train_num_points"] == 96 and model.fine_stem is not None
 
 
 # real backbones (guarded only while they are missing) ------------------------------------------
@@ -216,7 +224,7 @@ def test_options_json_and_errors():
 def test_real_backbones(d, name):
     size = (64, 64) if d == 2 else (32, 32, 32)
     model = build_model(d, 1, 2, backbone=name, head="deeplab", head_kwargs={"channels": 16},
-                        pointrend={"train_num_points": 32, "fc_dim": 16})
+                        pointrend=point_options(train_num_points=32, fc_dim=16))
     assert isinstance(model, SegmentationModel)
     # batch 2: RepVGG's BatchNorm needs more than one value per channel at the 1-cell stride-32 level
     images, labels = torch.randn(2, 1, *size), _labels((2, *size), 2)
@@ -245,7 +253,7 @@ def test_mask_head_boxes(d):
 
 @pytest.mark.parametrize("d", DIMS)
 def test_point_head_reads_the_image(d):
-    opts = {"train_num_points": 64, "fc_dim": 16, "image_features": "neighbourhood"}
+    opts = point_options(fc_dim=16, image_features="neighbourhood")
     torch.manual_seed(0)
     model = assemble_model(TinyBackbone(d, 2), d, 3, "deeplab", {"channels": 16,
                                                                   "low_level_channels": 8},
@@ -271,13 +279,13 @@ def test_point_head_reads_the_image(d):
     torch.testing.assert_close(out, model.infer_from_features(features, coarse, SIZES[d], "dense",
                                                               images))
     with pytest.raises(Exception, match="image_features"):
-        assemble_model(TinyBackbone(d, 2), d, 3, pointrend={"image_features": "patch"})
+        assemble_model(TinyBackbone(d, 2), d, 3, pointrend=point_options(image_features="patch"))
 
 
 @pytest.mark.parametrize("d", DIMS)
 def test_fine_stem_is_one_more_fine_level(d):
     from seg.model import FineStem
-    opts = {"train_num_points": 64, "fc_dim": 16, "fine_stem_channels": 4}
+    opts = point_options(fc_dim=16, fine_stem_channels=4)
     torch.manual_seed(0)
     model = assemble_model(TinyBackbone(d, 2), d, 3, "deeplab", {"channels": 16,
                                                                   "low_level_channels": 8},
@@ -295,5 +303,5 @@ def test_fine_stem_is_one_more_fine_level(d):
     torch.nn.init.zeros_(model.fine_stem.layers[3].weight)
     assert not torch.allclose(out, model.forward_infer(images, "dense"))
     with pytest.raises(Exception, match="fine_stem_channels"):
-        assemble_model(TinyBackbone(d, 2), d, 3, pointrend={"fine_stem_channels": -1})
-    assert _model(d).fine_stem is None  # off by default (detectron2's point head)
+        assemble_model(TinyBackbone(d, 2), d, 3, pointrend=point_options(fine_stem_channels=-1))
+    assert _model(d).fine_stem is None  # off in detectron2's point head

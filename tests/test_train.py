@@ -46,11 +46,11 @@ def tiny_config(root: Path, out: Path, dims: int, iterations: int = 3) -> Config
     return apply_overrides(cfg, [
         f"data.root='{root}'", "data.images_dir=images", "data.labels_dir=labels",
         "data.val_images_dir=None", "data.val_labels_dir=None", "data.val_fraction=0.25",
-        f"data.spatial_dims={dims}", "data.patch_size_3d=(32,32,32)", "data.patch_size_2d=(32,32)",
+        f"data.spatial_dims={dims}", f"data.patch_size={(32, 32, 32) if dims == 3 else (32, 32)}",
         "data.class_names=['bg','outer','inner']", "data.samples_per_volume=2", "data.queue_length=4",
-        "data.zscore_nonzero=False", "data.augment_affine=False",
-        "model.pointrend.train_num_points_3d=256", "model.pointrend.train_num_points_2d=128",
-        "model.pointrend.subdivision_num_points_3d=2048", "model.pointrend.subdivision_num_points_2d=512",
+        "data.normalization=zscore", "data.augment_affine=False",
+        f"model.pointrend.train_num_points={256 if dims == 3 else 128}",
+        f"model.pointrend.subdivision_num_points={2048 if dims == 3 else 512}",
         "model.pointrend.fc_dim=32",
         f"train.iterations={iterations}", "train.val_every=2", "train.batch_size=2",
         "train.warmup_iterations=1", f"train.output_dir='{out}'", "train.lr=1e-3",
@@ -59,7 +59,7 @@ def tiny_config(root: Path, out: Path, dims: int, iterations: int = 3) -> Config
 
 def test_overrides_parse_types_and_suggest() -> None:
     cfg = apply_overrides(Config(), ["data.spatial_dims=2", "model.backbone=repvgg_a0",
-                                     "train.lr=1", "data.patch_size_2d=(64, 48)"])
+                                     "train.lr=1", "data.patch_size=(64, 48)"])
     assert cfg.data.spatial_dims == 2 and cfg.model.backbone == "repvgg_a0"
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.data.patch_size == (64, 48)

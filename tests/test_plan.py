@@ -1,0 +1,259 @@
+"""The fingerprint and the plan (seg/plan.py): each rule on small synthetic facts, then the plan of
+each real data set we ship (MNI slabs, hippocampus, pyradiomics MR and CT) and of a synthetic
+skull-on head, end to end through ``train_seg.py --plan-only``."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from hparam import Config
+from seg import plan as P
+from seg.config import apply_overrides
+from seg.preprocess import Preprocessing, normalize
+
+from benchmarks.skull_on import skull_on_heads
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "data" / "demo"
+CONVNEXT = [(4,) * 3, (8,) * 3, (16,) * 3, (32,) * 3]  # convnext_atto's levels in 3D
+
+
+# ----------------------------------------------------------------------------- rules
+def test_orientation_code() -> None:
+    assert P.orientation_code([-1, 0, 0, 0, -1, 0, 0, 0, 1]) == "RAS"  # NIfTI identity affine
+    assert P.orientation_code([1, 0, 0, 0, 1, 0, 0, 0, 1]) == "LPS"    # DICOM / ITK identity
+    assert P.orientation_code([0, 0, 1, 1, 0, 0, 0, -1, 0]) == "PIL"  # a sagittal acquisition
+    assert P.orientation_code([1, 0, 0, 1]) == "LP"
+
+
+def test_nonzero_crop_ratio_closed_form() -> None:
+    image = np.zeros((1, 10, 20, 8))
+    image[0, 2:7, 5:15, 0:4] = 3.0  # box 5 x 10 x 4 of a 10 x 20 x 8 volume
+    image[0, 3, 7, 2] = 0.0         # a hole inside the box changes nothing
+    assert P.nonzero_crop_ratio(image) == pytest.approx(200 / 1600)
+    assert P.nonzero_crop_ratio(np.zeros((1, 4, 4))) == 1.0
+
+
+def test_target_spacing_median_and_anisotropic_rule() -> None:
+    iso = [[1.0, 1.0, 1.0], [0.9, 1.1, 1.2], [1.1, 0.9, 0.8]]
+    assert P.plan_target_spacing(iso, [[50, 50, 50]] * 3) == pytest.approx((1.0, 1.0, 1.0))
+    # anisotropic spacing AND few slices: the thick axis takes its 10th percentile, not the median
+    thick = [[0.8, 0.8, s] for s in (3.0, 5.0, 5.0, 6.0, 6.5)]
+    sizes = [[256, 256, 24]] * 5
+    target = P.plan_target_spacing(thick, sizes)
+    assert target[:2] == pytest.approx((0.8, 0.8))
+    assert target[2] == pytest.approx(np.percentile([3, 5, 5, 6, 6.5], 10)) and target[2] < 5.0
+    # anisotropic spacing but as many voxels on the thick axis as in-plane: the median stays
+    assert P.plan_target_spacing(thick, [[64, 64, 400]] * 5)[2] == pytest.approx(5.0)
+
+
+def test_patch_fits_the_median_case_rounded_to_strides() -> None:
+    # hippocampus-like: 35 x 50 x 36 -> multiples of 8 (16 or 32 would pad > 25 %): nnU-Net's patch
+    assert P.plan_patch_size((35, 50, 36), (1, 1, 1), CONVNEXT, 131_072) == (40, 56, 40)
+    # a large brain slab: shrunk to the budget, every shrunk axis a multiple of the total stride
+    patch = P.plan_patch_size((149, 185, 32), (1, 1, 1), CONVNEXT, 131_072)
+    assert patch == (64, 64, 32)
+
+
+def test_patch_short_z_keeps_in_plane_large() -> None:
+    patch = P.plan_patch_size((256, 256, 20), (0.8, 0.8, 5.0), CONVNEXT, 131_072)
+    assert patch[2] == 24  # the 20 thick slices stay whole (rounded up to the 8-voxel level)
+    assert np.prod(patch) <= 131_072 and patch[0] % 16 == 0 and patch[1] % 16 == 0
+    assert patch[0] * patch[1] > 64 * 64  # in-plane takes the budget z leaves: larger than 64 x 64
+    assert patch == (80, 64, 24)
+
+
+@pytest.mark.parametrize("median", [(7, 9, 5), (300, 40, 41), (61, 61, 61), (500, 500, 500)])
+def test_patch_properties(median) -> None:
+    for budget in (32_768, 131_072):
+        patch = P.plan_patch_size(median, (1, 1, 1), CONVNEXT, budget)
+        assert np.prod(patch) <= budget
+        for p, m in zip(patch, median):
+            assert p % 4 == 0 and p <= max(32, int(np.ceil(m / 4) * 4 * 1.25) + 4)
+
+
+def _channel(lo: float, integer: bool) -> dict:
+    return {"min": lo, "max": 2000.0, "integer": integer}
+
+
+def test_normalization_rule() -> None:
+    assert P.plan_normalization(_channel(-1024, True), 1.0) == "ct"          # HU
+    assert P.plan_normalization(_channel(-3.2, False), 1.0) == "zscore"      # processed MR
+    assert P.plan_normalization(_channel(-800.0, False), 1.0) == "zscore"    # float, not HU
+    assert P.plan_normalization(_channel(0, True), 0.5) == "zscore_nonzero"  # stripped brain in a box
+    assert P.plan_normalization(_channel(0, True), 0.76) == "zscore"         # head filling the view
+
+
+def test_slice_axis_rule() -> None:
+    ras = [-1, 0, 0, 0, -1, 0, 0, 0, 1]
+    assert P.plan_slice_axis((0.8, 0.8, 5.0), ras) == 2
+    assert P.plan_slice_axis((4.0, 0.9, 0.9), ras) == 0  # thick axis first
+    # isotropic: the array axis along inferior-superior; sagittal storage puts it on axis 1
+    assert P.plan_slice_axis((1.0, 1.0, 1.0), ras) == 2
+    assert P.plan_slice_axis((1.0, 1.0, 1.0), [0, 0, 1, 1, 0, 0, 0, -1, 0]) == 1
+
+
+def test_mirror_rotation_and_point_rules() -> None:
+    assert P.plan_mirror_axes(3) == (0, 1, 2) and P.plan_mirror_axes(2) == (0, 1)
+    assert P.plan_rotation_axes((1, 1, 1.2)) == (0, 1, 2)
+    assert P.plan_rotation_axes((0.78, 0.78, 6.5)) == (2,)
+    assert P.plan_rotation_axes((5.0, 0.7, 0.7)) == (0,)
+    assert P.plan_train_points((64, 64, 32)) == 4096            # the measured 3D default
+    assert P.plan_subdivision_points((64, 64, 32), 4096) == 6144
+    assert P.plan_train_points((40, 56)) == 256                 # the floor
+    assert P.plan_subdivision_points((40, 56), 256) == 576
+
+
+def test_ct_normalization_uses_training_statistics() -> None:
+    stats = ({"mean": 40.0, "std": 100.0, "clip_low": -200.0, "clip_high": 300.0},)
+    pp = Preprocessing("ct", intensity_stats=stats)
+    x = np.array([[-1000.0, -200.0, 40.0, 140.0, 3000.0]])
+    np.testing.assert_allclose(normalize(x, pp), [[-2.4, -2.4, 0.0, 1.0, 2.6]], rtol=1e-6)
+    with pytest.raises(ValueError, match="statistics"):
+        Preprocessing("ct").validate()
+    # format-1 checkpoints: 'ct' was the fixed window, zscore_nonzero a flag
+    assert Preprocessing.from_dict({"normalization": "ct", "zscore_nonzero": False}).normalization == "window"
+    assert Preprocessing.from_dict({"normalization": "zscore", "zscore_nonzero": True}
+                                   ).normalization == "zscore_nonzero"
+
+
+# ----------------------------------------------------------------------------- real data
+def _write(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), direction=None) -> None:
+    img = sitk.GetImageFromArray(array)
+    img.SetSpacing(spacing)
+    if direction is not None:
+        img.SetDirection(direction)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+
+
+def _link_cases(src: Path, dst: Path, names: dict[str, str]) -> Path:
+    for sub in ("imagesTr", "labelsTr"):
+        (dst / sub).mkdir(parents=True, exist_ok=True)
+        for new, old in names.items():
+            os.symlink(src / sub / f"{old}.nrrd", dst / sub / f"{new}.nrrd")
+    return dst
+
+
+def plan_of(root: Path, classes: list[str], tmp: Path, *sets: str) -> tuple[dict, Config]:
+    from seg.train import planned_config
+    cfg = apply_overrides(Config(), [f"data.root='{root}'", f"data.class_names={classes}",
+                                     "data.val_images_dir=None", *sets])
+    planned, _ = planned_config(cfg, tmp / "run")
+    record = json.loads((tmp / "run" / "plan.json").read_text())
+    return {d["field"]: d["value"] for d in record["decisions"]}, planned
+
+
+def test_plan_mni_slabs(tmp_path) -> None:
+    plan, cfg = plan_of(DEMO / "mni152", ["bg", "gm", "wm"], tmp_path, "data.val_images_dir='imagesVal'")
+    assert plan["data.target_spacing"] == [1.0, 1.0, 1.0]
+    assert plan["data.patch_size"] == [64, 64, 32]
+    # skull-stripped slabs: half of each slab's box is zero outside the brain -> non-zero statistics
+    assert plan["data.normalization"] == "zscore_nonzero"
+    assert plan["data.rotation_axes"] == [0, 1, 2] and plan["data.mirror_axes"] == [0, 1, 2]
+    assert plan["model.pointrend.train_num_points"] == 4096
+    plan2d, _ = plan_of(DEMO / "mni152", ["bg", "gm", "wm"], tmp_path / "2d",
+                        "data.val_images_dir='imagesVal'", "data.spatial_dims=2")
+    assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [160, 192]
+    assert plan2d["data.mirror_axes"] == [0, 1]
+
+
+@pytest.mark.skipif(not (DEMO / "hippocampus").is_dir(), reason="hippocampus demo not built")
+def test_plan_hippocampus(tmp_path) -> None:
+    plan, _ = plan_of(DEMO / "hippocampus", ["bg", "anterior", "posterior"], tmp_path)
+    assert plan["data.target_spacing"] == [1.0, 1.0, 1.0]
+    assert plan["data.patch_size"] == [40, 56, 40]  # nnU-Net's 3d_fullres patch for this task
+    assert plan["data.normalization"] == "zscore"   # cropped MRI, no zero background
+    plan2d, _ = plan_of(DEMO / "hippocampus", ["bg", "anterior", "posterior"], tmp_path / "2d",
+                        "data.spatial_dims=2")
+    assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [40, 56]
+
+
+def test_plan_pyradiomics_mr_anisotropic(tmp_path) -> None:
+    root = _link_cases(DEMO / "pyradiomics", tmp_path / "mr", {"brain1": "brain1", "brain2": "brain2",
+                                                               "brain2b": "brain2"})
+    plan, _ = plan_of(root, ["bg", "tumour"], tmp_path)
+    assert plan["data.target_spacing"] == pytest.approx([0.78125, 0.78125, 6.5])
+    assert plan["data.rotation_axes"] == [2]           # in-plane only across 6.5 mm slices
+    assert plan["data.normalization"] == "zscore"      # MR T1 with the head filling the view
+    patch = plan["data.patch_size"]
+    assert patch == [80, 64, 24]  # z (23-25 slices) whole, in-plane takes the budget left
+    plan2d, _ = plan_of(root, ["bg", "tumour"], tmp_path / "2d", "data.spatial_dims=2")
+    assert plan2d["data.slice_axis"] == 2              # slices along the thick axis
+
+
+def test_plan_ct_clips_to_foreground_percentiles(tmp_path) -> None:
+    root = _link_cases(DEMO / "pyradiomics", tmp_path / "ct", {"lung2": "lung2", "lung2b": "lung2",
+                                                               "lung2c": "lung2"})
+    plan, cfg = plan_of(root, ["bg", "tumour"], tmp_path)
+    assert plan["data.normalization"] == "ct"
+    stats = cfg.data.intensity_stats[0]
+    img = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO / "pyradiomics/imagesTr/lung2.nrrd")))
+    lab = sitk.GetArrayFromImage(sitk.ReadImage(str(DEMO / "pyradiomics/labelsTr/lung2.nrrd")))
+    fg = img[lab > 0].astype(float)  # the tumour: 24,644 voxels, 10,000 sampled per case
+    assert stats["clip_low"] == pytest.approx(np.percentile(fg, 0.5), abs=15)
+    assert stats["clip_high"] == pytest.approx(np.percentile(fg, 99.5), abs=15)
+    assert stats["mean"] == pytest.approx(fg.mean(), abs=5) and stats["std"] == pytest.approx(fg.std(), rel=0.05)
+
+
+def test_plan_skull_on_head_zscores_air_dark(tmp_path) -> None:
+    root = skull_on_heads(tmp_path / "heads")
+    plan, cfg = plan_of(root, ["bg", "brain"], tmp_path)
+    assert plan["data.normalization"] == "zscore"  # the head fills the view: no non-zero masking
+    from datasets import find_cases, load_case_arrays
+    case = find_cases(root / "imagesTr", root / "labelsTr")[0]
+    arrays = load_case_arrays(case, cfg.data)
+    air = arrays.image[0][np.asarray(sitk.GetArrayFromImage(sitk.ReadImage(str(case.image)))
+                                     ).transpose(2, 1, 0) == 0]
+    brain = arrays.image[0][arrays.label > 0]
+    assert air.max() < brain.min() - 1.0  # air is the darkest value, not the tissue mean (0)
+
+
+# ----------------------------------------------------------------------------- the command line
+def test_plan_only_cli_prints_caches_and_overrides(tmp_path) -> None:
+    out = tmp_path / "run"
+    args = [sys.executable, str(ROOT / "train_seg.py"), "--plan-only", "--no-progress", "--set",
+            f"train.output_dir='{out}'", "data.patch_size=(48,48,32)"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "fingerprint of 3 training case(s)" in proc.stdout + proc.stderr
+    record = json.loads((out / "plan.json").read_text())
+    by_field = {d["field"]: d for d in record["decisions"]}
+    assert by_field["data.patch_size"]["value"] == [48, 48, 32] and by_field["data.patch_size"]["source"] == "user"
+    assert by_field["data.normalization"]["source"] == "auto"
+    assert by_field["model.pointrend.train_num_points"]["value"] == 48 * 48 * 32 // 32  # from the user's patch
+    assert record["fingerprint"]["num_cases"] == 3 and not list(out.glob("*.pt"))
+
+
+def test_fingerprint_cache_is_reused_only_for_the_same_files(tmp_path, monkeypatch) -> None:
+    import datasets
+    from hparam import DataConfig
+    root = skull_on_heads(tmp_path / "heads", n=2)
+    cases = datasets.find_cases(root / "imagesTr", root / "labelsTr")
+    cache = tmp_path / "fp.json"
+    first = P.compute_fingerprint(cases, DataConfig(), cache, progress=False)
+    assert first["num_cases"] == 2 and cache.is_file()
+    import datasets.arrays as arrays
+    monkeypatch.setattr(arrays, "read_case_image", lambda *a: (_ for _ in ()).throw(AssertionError("read")))
+    assert P.compute_fingerprint(cases, DataConfig(), cache, progress=False) == first  # no reading
+    os.utime(cases[0].image, ns=(1, 1))  # the file changed: recomputed (and so read)
+    with pytest.raises(AssertionError, match="read"):
+        P.compute_fingerprint(cases, DataConfig(), cache, progress=False)
+
+
+def test_augmentation_follows_the_plan() -> None:
+    import torchio as tio
+    from datasets.augment import augmentation_3d
+    from hparam import DataConfig
+    cfg = DataConfig(mirror_axes=(0,), rotation_axes=(2,), augment_intensity=False)
+    flip, affine = augmentation_3d(cfg).transforms
+    assert isinstance(flip, tio.RandomFlip) and tuple(flip.axes) == (0,)
+    assert tuple(affine.degrees) == (0, 0, 0, 0, -15, 15)
+    assert augmentation_3d(DataConfig(mirror_axes=(), augment_affine=False, augment_intensity=False)) is None
