@@ -3,10 +3,15 @@
 
     python infer_seg.py -i IMAGE_OR_FOLDER -o OUT_FOLDER -m CHECKPOINT [--tta] [--labels LABEL_FOLDER]
 
-Each output keeps the input's file name (an nnU-Net ``_0000`` channel suffix removed), size, spacing,
-origin and direction, and is written as uint8 in the input's format unless ``--format`` says
-otherwise.  Existing outputs are skipped unless ``--overwrite``.  A bad file is reported in one line
-and the others are still processed; the exit status is 2 when any case failed.
+Each output is named like its case (the file name; nnU-Net channel files ``name_0000``, ``name_0001``
+... are one case ``name`` when ``name_0000`` exists), keeps the input's size, spacing, origin and
+direction, and is written as uint8 in the input's format unless ``--format`` says otherwise.
+Existing outputs are skipped unless ``--overwrite``; two inputs that would be written to one output,
+or an output folder that is the input folder, stop the run before anything is written.
+A bad file is reported in one line and the others are still processed.
+
+Exit status: 0 done; 2 an input error (a bad file, a bad option, an unusable checkpoint), told in one
+line naming the file (``--debug`` shows the traceback); 1 anything else (a bug: traceback shown).
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
+from seg.cli import add_common_flags, run_cli
 from seg.errors import UserError
 
 log = logging.getLogger("infer_seg")
@@ -38,9 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="windows per network call")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
     p.add_argument("--suffix", default="", help="appended to each output name, e.g. _seg")
-    p.add_argument("--labels", help="label folder: evaluate the predictions into OUT/evaluation")
+    p.add_argument("--labels", help="label folder: evaluate the predicted cases into OUT/evaluation "
+                   "(labels of other cases are ignored)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing case")
-    p.add_argument("--debug", action="store_true", help="debug logging and full tracebacks")
+    add_common_flags(p, unsafe_load=True)
     return p.parse_args(argv)
 
 
@@ -51,19 +58,21 @@ def _cuda() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seg.predict import Predictor, predict_folder
+    from seg.predict import Predictor, checked_cases, predict_folder
 
     if not 0.0 <= args.overlap < 1.0 or args.batch_size < 1:
         raise UserError(f"need 0 <= --overlap < 1 and --batch-size >= 1 (got {args.overlap}, {args.batch_size})")
-    predictor = Predictor.from_checkpoint(args.model, device=args.device, overlap=args.overlap,
-                                          tta=args.tta, batch_size=args.batch_size, blend=args.blend)
+    checked_cases(args.input, args.output, args.suffix, args.format, args.save_probabilities)  # before the model
+    predictor = Predictor.from_checkpoint(args.model, device=args.device, unsafe_load=args.unsafe_load,
+                                          overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
+                                          blend=args.blend)
     report = predict_folder(predictor, args.input, args.output, suffix=args.suffix, fmt=args.format,
                             overwrite=args.overwrite, save_probabilities=args.save_probabilities,
                             fail_fast=args.fail_fast)
     log.info("%d written, %d skipped (exist), %d failed -> %s", len(report.successes),
              len(report.skipped), len(report.failures), args.output)
     if args.labels:
-        _evaluate(args, predictor.bundle.class_names)
+        _evaluate(args, report.cases, predictor.bundle.class_names, predictor.label_values)
     if report.failures:
         log.error("%d case(s) failed:", len(report.failures))
         for _, msg in report.failures:
@@ -72,14 +81,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, class_names: list[str]) -> None:
-    """Evaluate the written predictions; ``class_names`` are the checkpoint's, background first."""
+def _evaluate(args: argparse.Namespace, cases: list[str], class_names: list[str],
+              label_values: tuple[int, ...]) -> None:
+    """Evaluate the predictions of ``cases`` (the cases with an output) against ``args.labels``;
+    ``class_names`` are the checkpoint's, background first, and ``label_values`` their values in the
+    files (predictions are written in those values, so both sides are compared in the training
+    files' values)."""
+    if not cases:
+        log.info("no prediction to evaluate")
+        return
     from seg.evaluate import evaluate_folders
 
     inputs = [Path(p) for p in args.input]
     image_dir = inputs[0] if len(inputs) == 1 and inputs[0].is_dir() else None
     out = Path(args.output) / "evaluation"
-    evaluate_folders(args.output, args.labels, out, image_dir=image_dir, class_names=class_names[1:])
+    evaluate_folders(args.output, args.labels, out, image_dir=image_dir, class_names=class_names[1:],
+                     labels=list(label_values[1:]), suffix=args.suffix, cases=cases)
     log.info("evaluation written to %s", out)
 
 
@@ -87,19 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(message)s" if args.debug else "%(message)s")
-    try:
-        from tqdm.contrib.logging import logging_redirect_tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-        with logging_redirect_tqdm():
-            return run(args)
-    except UserError as exc:
-        if args.debug:
-            raise
-        log.error("error: %s", exc)
-        return 2
-    except KeyboardInterrupt:
-        log.error("interrupted")
-        return 130
+    with logging_redirect_tqdm():
+        return run_cli(lambda: run(args), debug=args.debug)
 
 
 if __name__ == "__main__":

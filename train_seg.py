@@ -7,8 +7,12 @@ Examples::
     python train_seg.py --set data.spatial_dims=2
     python train_seg.py --set model.backbone=repvgg_a0 model.head=mask train.iterations=500
     python train_seg.py --resume runs/demo/last.pt
+    python train_seg.py --resume runs/demo/last.pt --set train.iterations=3000   # train it longer
     python train_seg.py --plan-only            # show what the data decide (fingerprint and plan), stop
     torchrun --nproc_per_node=4 train_seg.py --set train.batch_size=2   # DDP, 4 processes (README)
+
+Exit status: 0 done; 2 an input or configuration error, told in one line naming the file or field
+(``--debug`` shows its traceback); 1 anything else (a bug: the traceback is shown).
 """
 from __future__ import annotations
 
@@ -26,11 +30,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                     help="override config fields, e.g. data.spatial_dims=2 train.iterations=100")
     ap.add_argument("--resume", "--c", dest="resume", metavar="CHECKPOINT",
-                    help="continue a run from its last.pt (model, optimiser, schedule, RNG)")
+                    help="continue a run from its last.pt with the run's own configuration (model, "
+                         "optimiser, schedule, RNG); --set may only extend train.iterations or "
+                         "train.max_minutes")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start a new run in an output folder that holds another run (its checkpoints, "
+                         "logs and plan are deleted first)")
     ap.add_argument("--plan-only", action="store_true",
                     help="fingerprint the training cases, print the plan, write OUTPUT_DIR/plan.json, stop")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    from seg.cli import add_common_flags
+    add_common_flags(ap, unsafe_load=True)
     return ap.parse_args(argv)
 
 
@@ -40,23 +50,32 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"{prefix}%(levelname)s %(name)s: %(message)s")
-    from seg.config import apply_overrides, load_config
+    from seg.cli import run_cli
+
+    return run_cli(lambda: run(args, rank, prefix), debug=args.debug, prefix=prefix)
+
+
+def run(args: argparse.Namespace, rank: int = 0, prefix: str = "") -> int:
+    """Plan or train as ``args`` say; user errors propagate (``seg.cli.run_cli`` reports them)."""
+    from seg.config import apply_overrides, load_config, resume_config
     from seg.distributed import RankFailure
-    from seg.errors import UserError
+    from seg.errors import ConfigError
     from seg.train import planned_config, train
 
-    try:
+    if args.resume:
+        if args.config or args.plan_only or args.overwrite:
+            raise ConfigError("--resume continues a run with the configuration stored in its checkpoint: "
+                              "it takes no --config, --plan-only or --overwrite")
+        cfg = resume_config(load_config(None), args.resume, args.set, args.unsafe_load)
+    else:
         cfg = apply_overrides(load_config(args.config), args.set)
-        if args.plan_only:
-            planned_config(cfg, cfg.train.output_dir, progress=not args.no_progress)
-            print(f"plan written to {cfg.train.output_dir}/plan.json")
-            return 0
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (UserError, ValueError) as exc:
-        if args.debug:
-            raise
-        print(f"{prefix}error: {exc}", file=sys.stderr)
-        return 2
+    if args.plan_only:
+        planned_config(cfg, cfg.train.output_dir, progress=not args.no_progress)
+        print(f"plan written to {cfg.train.output_dir}/plan.json")
+        return 0
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress, unsafe_load=args.unsafe_load,
+                       overwrite=args.overwrite)
     except RankFailure as exc:  # another process failed (its own traceback is in its output)
         print(f"{prefix}error: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,6 @@
 """The backbone contract shared by every architecture."""
 from __future__ import annotations
 
-import inspect
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -10,7 +9,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from seg import ops
-from seg.registry import unknown_name_message
+from seg.errors import ConfigError
+from seg.registry import check_options
 
 
 class FeatureInfo(NamedTuple):
@@ -40,12 +40,21 @@ class Backbone(nn.Module):
 
 
 def check_out_indices(out_indices: Sequence[int], num_stages: int) -> tuple[int, ...]:
-    """Sorted unique stage indices, each in ``0..num_stages-1`` (ValueError otherwise)."""
+    """Sorted unique stage indices, each in ``0..num_stages-1`` (ConfigError otherwise)."""
     out = tuple(sorted(set(int(i) for i in out_indices)))
     if not out or out[0] < 0 or out[-1] >= num_stages:
-        raise ValueError(f"out_indices must be stage indices in 0..{num_stages - 1}, "
-                         f"got {out_indices!r}")
+        raise ConfigError(f"out_indices must be stage indices in 0..{num_stages - 1}, "
+                          f"got {out_indices!r}")
     return out
+
+
+def per_axis(value: Any, spatial_dims: int, what: str) -> tuple[int, ...]:
+    """An option given as an int or a per-axis tuple, as ``spatial_dims`` ints (ConfigError naming
+    ``what`` when it has the wrong length or type)."""
+    try:
+        return tuple(int(v) for v in ops.to_ntuple(value, spatial_dims))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{what}: {exc}") from exc
 
 
 def per_stage(values: Any, count: int, spatial_dims: int, what: str = "strides",
@@ -54,17 +63,17 @@ def per_stage(values: Any, count: int, spatial_dims: int, what: str = "strides",
 
     ``values`` holds ``count`` entries, each an int or a per-axis tuple; with ``broadcast`` a single
     int or per-axis tuple also serves every stage (a tuple of length ``count`` is read per stage).
-    Anything else raises a ValueError naming ``what``.
+    Anything else raises a ConfigError naming ``what``.
     """
     if broadcast and (isinstance(values, int) or (
             len(values) == spatial_dims and len(values) != count
             and all(isinstance(v, int) for v in values))):
         values = [values] * count
     if isinstance(values, int) or len(values) != count:
-        raise ValueError(f"{what} needs {count} entries (one per stage), got {values!r}")
-    out = [tuple(int(v) for v in ops.to_ntuple(s, spatial_dims)) for s in values]
+        raise ConfigError(f"{what} needs {count} entries (one per stage), got {values!r}")
+    out = [per_axis(s, spatial_dims, what) for s in values]
     if any(v < 1 for t in out for v in t):
-        raise ValueError(f"{what} must be positive, got {values!r}")
+        raise ConfigError(f"{what} must be positive, got {values!r}")
     return out
 
 
@@ -129,9 +138,6 @@ class StagedBackbone(Backbone):
 
 def build_checked(cls: type, family: str, fixed: dict[str, Any], kwargs: dict[str, Any]) -> nn.Module:
     """``cls(**fixed, **kwargs)`` for a registered variant: the variant's ``fixed`` arguments, then the
-    user's options; an option that is not a constructor argument gets a "did you mean" ValueError."""
-    options = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    for name in kwargs:
-        if name not in options:
-            raise ValueError(unknown_name_message(f"{family} option", name, options))
+    user's options; an option that is not a constructor argument gets a "did you mean" ConfigError."""
+    check_options(cls.__init__, f"{family} option", kwargs)
     return cls(**{**fixed, **kwargs})

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from seg import ops
+from seg.errors import ConfigError
 
 from . import BACKBONES
 from .base import (FeatureInfo, StagedBackbone, build_checked, check_out_indices, pad_to_multiple,
@@ -158,7 +159,7 @@ class LightweightAttention(nn.Module):
                  qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.attn_drop = num_heads, attn_drop
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.k = nn.Linear(dim, dim, bias=qkv_bias)

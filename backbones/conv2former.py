@@ -38,10 +38,11 @@ import torch
 import torch.nn as nn
 
 from seg import ops
+from seg.errors import ConfigError
 
 from . import BACKBONES
 from .base import (FeatureInfo, StagedBackbone, build_checked, check_out_indices, init_trunc_normal,
-                   per_stage)
+                   per_axis, per_stage)
 from .convnext import Downsample, Stage, Stem
 
 __all__ = ["Conv2Former", "Conv2FormerBlock", "ConvMod", "checkpoint_filter_fn"]
@@ -101,10 +102,10 @@ class Conv2FormerBlock(nn.Module):
 
 
 def _check_kernel(kernel_size: Any, spatial_dims: int) -> tuple[int, ...]:
-    k = tuple(int(v) for v in ops.to_ntuple(kernel_size, spatial_dims))
+    k = per_axis(kernel_size, spatial_dims, "Conv2Former kernel_size")
     if any(v < 1 or v % 2 == 0 for v in k):
-        raise ValueError(f"Conv2Former kernel_size must be odd and positive (same-size output), "
-                         f"got {kernel_size!r}")
+        raise ConfigError(f"Conv2Former kernel_size must be odd and positive (same-size output), "
+                          f"got {kernel_size!r}")
     return k
 
 

@@ -6,17 +6,19 @@ Steps of ``load_pretrained``:
        (official and timm layouts -> ours; architecture-specific reshapes live there too);
     3. adapt shapes generically: 2D conv kernels -> 3D (``inflate_conv_weight``) and the stem conv
        (``model.stem_key``) to the model's input channels (``adapt_input_conv``);
-    4. load strictly: missing, unexpected or ill-fitting keys raise a ValueError listing them.
+    4. load strictly: missing, unexpected or ill-fitting keys raise a UserError listing them.
+
+Files are read with ``torch.load(weights_only=True)`` (``seg.checkpoint.torch_load``); one that needs
+full unpickling is refused unless the caller passes ``unsafe_load=True``.
 """
 from __future__ import annotations
 
 import logging
 import os
-import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -94,18 +96,21 @@ def adapt_input_conv(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
     return tiled[:, :in_chans] * (src / in_chans)  # (O, in_chans, *k)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, unsafe_load: bool = False) -> dict[str, torch.Tensor]:
     """Read a checkpoint file and unwrap it to a flat ``{key: tensor}`` state dict.
 
-    Accepts ``torch.save`` files (read with ``weights_only=True``; files that need full
-    unpickling are read again without it, with a warning) and ``.safetensors`` files.  Unwraps
-    ``{'model' | 'state_dict' | 'model_state_dict' | 'module': ...}`` and strips ``module.`` /
-    ``_orig_mod.`` prefixes.  Bad files raise ``UserError`` naming the file.
+    Accepts ``torch.save`` files (read with ``weights_only=True``; a file that needs full
+    unpickling raises a UserError unless ``unsafe_load``, which runs code stored in the file) and
+    ``.safetensors`` files.  Unwraps ``{'model' | 'state_dict' | 'model_state_dict' | 'module': ...}``
+    and strips ``module.`` / ``_orig_mod.`` prefixes.  Bad files raise ``UserError`` naming the file.
     """
+    from seg.checkpoint import torch_load
+
     path = Path(path)
     if not path.is_file():
         raise UserError("pretrained checkpoint not found", path)
-    obj = _read_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
+    obj = _read_safetensors(path) if path.suffix == ".safetensors" else \
+        torch_load(path, unsafe_load=unsafe_load, what="pretrained checkpoint")
     while isinstance(obj, dict) and not _is_state_dict(obj):
         inner = next((obj[k] for k in _WRAPPERS if isinstance(obj.get(k), dict)), None)
         if inner is None:
@@ -126,22 +131,6 @@ def _strip_prefixes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if all(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items()}
     return sd
-
-
-def _torch_load(path: Path) -> Any:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = exc
-    except Exception as exc:  # noqa: BLE001 - any failure means the file is unusable
-        raise UserError(f"not a readable checkpoint ({type(exc).__name__}: {exc})", path) from exc
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"not a readable checkpoint ({type(first).__name__}: {first})",
-                        path) from exc
-    logger.warning("%s: needed full unpickling (weights_only=False); only load trusted files", path)
-    return obj
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -191,7 +180,7 @@ def adapt_state_dict(state_dict: dict[str, torch.Tensor], model: nn.Module, infl
 
 
 def _check_fit(state_dict: dict[str, torch.Tensor], model: nn.Module, path: str) -> None:
-    """Raise a ValueError naming the file and every missing, unexpected or ill-fitting key."""
+    """Raise a UserError naming the file and every missing, unexpected or ill-fitting key."""
     ours = model.state_dict()  # persistent entries only: non-persistent buffers are never expected
     missing = [k for k in ours if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in ours]
@@ -201,8 +190,7 @@ def _check_fit(state_dict: dict[str, torch.Tensor], model: nn.Module, path: str)
                 (("missing keys", missing), ("unexpected keys", unexpected),
                  ("shape mismatches", shapes)) if keys]
     if problems:
-        raise ValueError(f"{path}: checkpoint does not fit {type(model).__name__}: "
-                         + "; ".join(problems))
+        raise UserError(f"checkpoint does not fit {type(model).__name__}: " + "; ".join(problems), path)
 
 
 def backbone_part(state_dict: dict[str, torch.Tensor], model: nn.Module
@@ -216,8 +204,8 @@ def backbone_part(state_dict: dict[str, torch.Tensor], model: nn.Module
     return state_dict
 
 
-def load_pretrained(model: nn.Module, path: str | os.PathLike, inflate: str = "center"
-                    ) -> LoadReport:
+def load_pretrained(model: nn.Module, path: str | os.PathLike, inflate: str = "center",
+                    unsafe_load: bool = False) -> LoadReport:
     """Load a checkpoint in an official, timm or our own key layout into ``model``.
 
     A training checkpoint of this project (``runs/.../best.pt``) works too: its backbone part is
@@ -229,17 +217,23 @@ def load_pretrained(model: nn.Module, path: str | os.PathLike, inflate: str = "c
             model may name its first conv weight in ``stem_key``.
         path: ``torch.save`` or ``.safetensors`` file.
         inflate: how 2D kernels become 3D: "center" or "mean" (see ``inflate_conv_weight``).
+        unsafe_load: admit ``torch.save`` files that need full unpickling (runs code stored in
+            the file: trusted files only).
 
     Returns:
         A ``LoadReport``.
 
     Raises:
-        UserError: the file is missing or is not a checkpoint.
-        ValueError: keys or shapes do not fit the model (all offending keys listed).
+        UserError: the file is missing, is not a checkpoint, cannot be loaded safely, or its keys
+            or shapes do not fit the model (all offending keys listed).
     """
     if inflate not in ("center", "mean"):
         raise ValueError(f"unknown inflation mode {inflate!r}; choose 'center' or 'mean'")
-    state_dict = _filter_fn(model)(backbone_part(read_state_dict(path), model), model)
+    state_dict = backbone_part(read_state_dict(path, unsafe_load), model)
+    try:
+        state_dict = _filter_fn(model)(state_dict, model)
+    except UserError as exc:  # the architecture's filter knows the problem, not the file
+        raise exc if exc.path else UserError(str(exc), path) from exc
     state_dict, adapted = adapt_state_dict(state_dict, model, inflate)
     _check_fit(state_dict, model, str(path))
     loaded = len(state_dict)

@@ -23,19 +23,17 @@ Module names follow timm's ``byobnet`` RepVGG (``stem``, ``stages.i.j``, ``conv_
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
 
-from seg.errors import ConfigError
+from seg.errors import UserError
 from seg.ops import DropPath, batch_norm, check_spatial_dims, conv, to_ntuple
-from seg.registry import unknown_name_message
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo, check_out_indices, per_stage, run_blocks
+from .base import Backbone, FeatureInfo, build_checked, check_out_indices, per_stage, run_blocks
 
 #: Stage widths before the width multipliers (stage0 = stem; widths of stages 1..4).
 BASE_WIDTHS = (64, 128, 256, 512)
@@ -200,12 +198,8 @@ class RepVGG(Backbone):
                  width_multipliers: Sequence[float] = (0.75, 2.5), groups: int = 1,
                  grouped_layers: Sequence[int] = GROUPED_LAYERS, strides: Any = 2,
                  out_indices: Sequence[int] = (1, 2, 3, 4), drop_path_rate: float = 0.0,
-                 grad_checkpointing: bool = False, **unknown: Any) -> None:
+                 grad_checkpointing: bool = False) -> None:
         super().__init__()
-        if unknown:
-            known = [p for p in inspect.signature(RepVGG.__init__).parameters
-                     if p not in ("self", "unknown")]
-            raise ConfigError(unknown_name_message("RepVGG option", next(iter(unknown)), known))
         self.spatial_dims = check_spatial_dims(spatial_dims)
         if spatial_dims not in (2, 3):
             raise ValueError(f"RepVGG needs spatial_dims 2 or 3, got {spatial_dims}")
@@ -318,7 +312,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepVGG
     loader. Kernels stay 2D: the loader inflates them to 3D.
 
     Raises:
-        ValueError: a re-parameterised (deploy) checkpoint for a training-form model.
+        UserError: a re-parameterised (deploy) checkpoint for a training-form model.
     """
     for wrapper in ("state_dict", "model"):
         if isinstance(state_dict.get(wrapper), dict):
@@ -336,7 +330,7 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepVGG
     model_keys = model.state_dict().keys()
     _fit_stem_inputs(out, model)
     if any("reparam_conv." in k for k in out) and not any("reparam_conv." in k for k in model_keys):
-        raise ValueError("re-parameterised (deploy) RepVGG checkpoint: load a training-form one, "
+        raise UserError("re-parameterised (deploy) RepVGG checkpoint: load a training-form one, "
                          "or call reparameterize_model(model, inplace=True) before loading")
     return out
 
@@ -368,8 +362,9 @@ VARIANTS: dict[str, tuple[tuple[int, ...], tuple[float, float], int]] = {
 
 def _build(name: str, spatial_dims: int, in_chans: int, kwargs: dict[str, Any]) -> RepVGG:
     depths, widths, groups = VARIANTS[name]
-    defaults = dict(depths=depths, width_multipliers=widths, groups=groups)
-    return RepVGG(spatial_dims, in_chans, **{**defaults, **kwargs})
+    fixed = dict(spatial_dims=spatial_dims, in_chans=in_chans, depths=depths,
+                 width_multipliers=widths, groups=groups)
+    return build_checked(RepVGG, "RepVGG", fixed, kwargs)
 
 
 @BACKBONES.register()

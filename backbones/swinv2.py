@@ -41,10 +41,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from seg.errors import ConfigError, UserError
 from seg.ops import DropPath, channels_first, channels_last, check_spatial_dims, conv, to_ntuple
 
 from . import BACKBONES
-from .base import Backbone, FeatureInfo, run_blocks, build_checked
+from .base import Backbone, FeatureInfo, build_checked, per_axis, run_blocks
 
 __all__ = ["SwinTransformerV2", "checkpoint_filter_fn", "window_partition", "window_reverse",
            "relative_coords_table", "relative_position_index", "attention_mask"]
@@ -188,7 +189,7 @@ class WindowAttention(nn.Module):
                  proj_drop: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+            raise ConfigError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads, self.attn_drop = num_heads, attn_drop
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0)))
         self.cpb_mlp = nn.Sequential(nn.Linear(spatial_dims, CPB_HIDDEN), nn.ReLU(inplace=True),
@@ -389,10 +390,10 @@ def _merge_factors(value: Any, spatial_dims: int, num_merges: int) -> list[tuple
     """int | per-axis tuple (every merge) | one per-axis tuple per merge -> list of tuples."""
     if isinstance(value, Sequence) and value and isinstance(value[0], Sequence):
         if len(value) != num_merges:
-            raise ValueError(f"merge_factors: expected {num_merges} per-stage entries, "
-                             f"got {value!r}")
-        return [to_ntuple(v, spatial_dims) for v in value]
-    return [to_ntuple(value, spatial_dims)] * num_merges
+            raise ConfigError(f"merge_factors: expected {num_merges} per-stage entries, "
+                              f"got {value!r}")
+        return [per_axis(v, spatial_dims, "merge_factors") for v in value]
+    return [per_axis(value, spatial_dims, "merge_factors")] * num_merges
 
 
 class SwinTransformerV2(Backbone):
@@ -434,16 +435,16 @@ class SwinTransformerV2(Backbone):
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if len(depths) != len(num_heads):
-            raise ValueError(f"depths {depths} and num_heads {num_heads} differ in length")
+            raise ConfigError(f"depths {depths} and num_heads {num_heads} differ in length")
         num_stages = len(depths)
         self.out_indices = tuple(range(num_stages)) if out_indices is None else \
             tuple(sorted(set(int(i) for i in out_indices)))
         if not self.out_indices or not all(0 <= i < num_stages for i in self.out_indices):
-            raise ValueError(f"out_indices {out_indices} must lie in [0, {num_stages - 1}]")
+            raise ConfigError(f"out_indices {out_indices} must lie in [0, {num_stages - 1}]")
         if window_size is None:
             window_size = 8 if spatial_dims == 2 else (4, 8, 8)
-        window = to_ntuple(window_size, spatial_dims)
-        patch = to_ntuple(patch_size, spatial_dims)
+        window = per_axis(window_size, spatial_dims, "window_size")
+        patch = per_axis(patch_size, spatial_dims, "patch_size")
         merges = _merge_factors(merge_factors, spatial_dims, num_stages - 1)
         rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
 
@@ -567,8 +568,8 @@ def _to_3d(state_dict: dict[str, torch.Tensor], model: SwinTransformerV2
             stage = model.stages[int(key.split(".")[1])]
             fd, fh, fw = stage.downsample.factor
             if (fh, fw) != (2, 2) or value.shape[1] * fd != target.shape[1]:
-                raise ValueError(f"{key}: cannot map a 2x2 merge {tuple(value.shape)} to merge "
-                                 f"factor {stage.downsample.factor} {tuple(target.shape)}")
+                raise UserError(f"{key}: cannot map a 2x2 merge {tuple(value.shape)} to merge "
+                                f"factor {stage.downsample.factor} {tuple(target.shape)}")
             o, c = value.shape[0], value.shape[1] // 4
             w = value.view(o, 2, 2, 1, c).expand(o, 2, 2, fd, c)  # (O, w, h, d, C)
             out[key] = w.reshape(o, 4 * fd * c) / fd  # (O, 4 f_d C)

@@ -99,7 +99,7 @@ def trained(dims: int, pointrend: bool, args: argparse.Namespace) -> Path:
     out = Path(args.out) / f"{dims}d_{'pointrend' if pointrend else 'no_point_head'}"
     if not (out / "last.pt").exists() or args.retrain:
         print(f"# training {dims}D {'with' if pointrend else 'without'} the point head -> {out}", flush=True)
-        train(config_for(dims, pointrend, args.iterations, out, args.set), progress=False)
+        train(config_for(dims, pointrend, args.iterations, out, args.set), progress=False, overwrite=True)
     return out / "last.pt"
 
 

@@ -17,9 +17,8 @@ import numpy as np
 from seg import io
 from seg.checkpoint import preprocessing_from
 from seg.errors import DataError
+from seg.io import Case
 from seg.preprocess import Preprocessing, normalize, resample, target_grid
-
-from datasets.cases import Case
 
 
 @dataclasses.dataclass
@@ -41,42 +40,14 @@ class CaseArrays:
     meta: io.ImageMeta
 
 
-def read_channels(paths: Sequence[Path]) -> list[tuple[np.ndarray, io.ImageMeta]]:
-    """Read a case's channel files: [(array (c, *S), meta)] per file, all on the first file's grid.
-
-    Raises:
-        DataError: a file is unreadable, or its grid differs from the first channel's.
-    """
-    out: list[tuple[np.ndarray, io.ImageMeta]] = []
-    for p in paths:
-        arr, meta = io.read_image(p)
-        first = out[0][1] if out else meta
-        if meta.size != first.size or not np.allclose(meta.spacing, first.spacing, rtol=1e-3):
-            raise DataError(f"channel grid {meta.size} @ {meta.spacing} mm differs from "
-                            f"{Path(first.path).name} ({first.size} @ {first.spacing} mm)", p)
-        out.append((arr, meta))
-    return out
-
-
 def read_case_image(paths: Sequence[Path]) -> tuple[np.ndarray, io.ImageMeta]:
-    """Read a case's channel files stacked: (C, *S) in the files' dtype, with the first file's geometry."""
-    channels = read_channels(paths)
-    if len(channels) == 1:
-        return channels[0]
-    return np.concatenate([a for a, _ in channels]), channels[0][1]
+    """``seg.io.read_case`` of files ``check_case`` has verified: (C, *S) in the files' dtype."""
+    return io.read_case(paths, verify=False)
 
 
 def read_label_raw(path: Path) -> tuple[np.ndarray, io.ImageMeta]:
-    """Read a label map as (*S) in its file dtype (identical vector components, e.g. RGB masks, merged).
-
-    Raises:
-        DataError: unreadable, or components that differ (not a label map).
-    """
-    arr, meta = io.read_image(path)
-    if arr.shape[0] > 1 and not all(np.array_equal(arr[0], a) for a in arr[1:]):
-        raise DataError(f"label map has {arr.shape[0]} different components per voxel; save it as a "
-                        "single-channel integer image", path)
-    return arr[0], meta
+    """``seg.io.read_label`` of a file ``check_case`` has verified: (*S) integers."""
+    return io.read_label(path, verify=False)
 
 
 def remap_labels(label: np.ndarray, label_remap: Mapping[int, int] | None) -> np.ndarray:
@@ -88,9 +59,7 @@ def remap_labels(label: np.ndarray, label_remap: Mapping[int, int] | None) -> np
 
 
 def as_class_indices(label: np.ndarray, label_remap: Mapping[int, int] | None) -> np.ndarray:
-    """Remapped int64 class indices of a label array of any numeric dtype (floats are rounded)."""
-    if label.dtype.kind == "f":
-        label = np.rint(label)
+    """Remapped int64 class indices of an integer label array (``read_label_raw``)."""
     return remap_labels(label, label_remap).astype(np.int64)
 
 
@@ -125,10 +94,9 @@ def load_case_arrays(case: Case, data_cfg: Any) -> CaseArrays:
     """
     image, meta = read_case_image(case.images)
     check_channels(image.shape[0], image.ndim - 1, data_cfg, case.image)
-    raw_label, _ = read_label_raw(case.label)
+    raw_label, label_meta = read_label_raw(case.label)
+    io.check_geometry(label_meta, meta)
     label = as_class_indices(raw_label, data_cfg.label_remap)
-    if label.shape != image.shape[1:]:
-        raise DataError(f"label shape {label.shape} differs from the image's {image.shape[1:]}", case.label)
     pp = preprocessing_for(data_cfg)
     x = normalize(image, pp)
     shape, spacing = tuple(label.shape), tuple(float(s) for s in meta.spacing)

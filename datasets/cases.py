@@ -1,22 +1,15 @@
 """Finding training cases on disk: images paired with label maps BY NAME, and seeded splits.
 
-Pairing rule (never by sort order):
-
-* an image whose name without extension equals a label's name without extension is a one-channel case
-  (``images/brain1.nrrd`` + ``labels/brain1.nii.gz``; extensions may differ);
-* otherwise the nnU-Net channel suffix is stripped and files sharing the rest form one multi-channel
-  case, channels ordered ``_0000``, ``_0001``, ... (``la_003_0000.nii.gz`` + ``la_003_0001.nii.gz`` +
-  ``labels/la_003.nii.gz``).
-
-The first rule keeps datasets whose case names merely end in four digits (``case_0001.nii.gz`` in both
-folders) from being mistaken for channel files.
+Cases and their names come from ``seg.io.image_cases`` (the rule inference and evaluation use too):
+a file is a case named like the file without extension, except nnU-Net channel files ``name_0000``,
+``name_0001``, ... which form one multi-channel case ``name`` when ``name_0000`` exists.  Each case
+is paired with the label map of its name (``images/brain1.nrrd`` + ``labels/brain1.nii.gz``,
+``la_003_0000.nii.gz`` + ``la_003_0001.nii.gz`` + ``labels/la_003.nii.gz``; extensions may differ),
+never by sort order.
 """
 from __future__ import annotations
 
-import dataclasses
-import fnmatch
 import logging
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -24,89 +17,9 @@ import numpy as np
 
 from seg import io
 from seg.errors import DataError, UserError
+from seg.io import Case
 
 log = logging.getLogger(__name__)
-
-_CHANNEL = re.compile(r"_(\d{4})$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    """One training case.
-
-    Attributes:
-        name: the case name shared by its image and label files.
-        images: the image file, or one file per channel in channel order.
-        label: the label map file.
-    """
-
-    name: str
-    images: tuple[Path, ...]
-    label: Path
-
-    @property
-    def image(self) -> Path:
-        """The first (or only) image file; errors about the image name it."""
-        return self.images[0]
-
-
-def _stem(path: Path) -> str:
-    return io.split_extension(path)[0]
-
-
-def _image_files(folder: Path, pattern: str) -> list[Path]:
-    """Image files of ``folder`` whose names match ``pattern``; a DataError when there are none."""
-    if not folder.is_dir():
-        raise DataError("image folder not found", folder)
-    files = [p for p in io.list_images(folder) if fnmatch.fnmatch(p.name, pattern)]
-    if not files:
-        which = f" matching {pattern!r}" if pattern != "*" else ""
-        raise DataError(f"no image files{which} in this folder (expected {', '.join(io.IMAGE_EXTENSIONS)})",
-                        folder)
-    return files
-
-
-def _label_files(folder: Path) -> dict[str, Path]:
-    """{name without extension: label file} of ``folder``; two files for one name is an error."""
-    if not folder.is_dir():
-        raise DataError("label folder not found", folder)
-    labels: dict[str, Path] = {}
-    for p in io.list_images(folder):
-        if _stem(p) in labels:
-            raise DataError(f"two label files for case {_stem(p)!r}: {labels[_stem(p)].name} and {p.name}",
-                            folder)
-        labels[_stem(p)] = p
-    return labels
-
-
-def _group_images(files: Sequence[Path], label_stems: set[str]) -> dict[str, list[Path]]:
-    """Group image files into cases by the pairing rule of this module's docstring."""
-    groups: dict[str, list[Path]] = {}
-    for p in files:
-        stem = _stem(p)
-        key = stem if stem in label_stems else io.case_name(p)
-        groups.setdefault(key, []).append(p)
-    return {key: _channel_order(key, paths) for key, paths in groups.items()}
-
-
-def _channel_order(key: str, paths: list[Path]) -> list[Path]:
-    """Check that the files of one case are its channels _0000.._{n-1}; return them in that order."""
-    if len(paths) == 1:
-        return paths
-    indices = []
-    for p in paths:
-        m = _CHANNEL.search(_stem(p))
-        if m is None or _stem(p)[: m.start()] != key:
-            names = ", ".join(q.name for q in paths)
-            raise DataError(f"several image files for case {key!r} ({names}): keep one, or name channel "
-                            f"files {key}_0000, {key}_0001, ...", p)
-        indices.append(int(m.group(1)))
-    order = sorted(range(len(paths)), key=indices.__getitem__)
-    if sorted(indices) != list(range(len(paths))):
-        raise DataError(f"channel files of case {key!r} have suffixes "
-                        f"{', '.join(f'_{i:04d}' for i in sorted(indices))}; expected _0000 to "
-                        f"_{len(paths) - 1:04d}", paths[order[0]])
-    return [paths[i] for i in order]
 
 
 def find_cases(images_dir: str | Path, labels_dir: str | Path, pattern: str = "*") -> list[Case]:
@@ -125,20 +38,40 @@ def find_cases(images_dir: str | Path, labels_dir: str | Path, pattern: str = "*
         DataError: a folder is missing or has no images, an image has no label, names are ambiguous.
     """
     images_dir, labels_dir = Path(images_dir), Path(labels_dir)
-    files = _image_files(images_dir, pattern)
-    labels = _label_files(labels_dir)
-    groups = _group_images(files, set(labels))
-    cases = []
-    for name, paths in sorted(groups.items()):
-        if name not in labels:
-            raise DataError(f"no label map named {name!r} (any image extension) in {labels_dir}; "
-                            "labels are paired with images by name", paths[0])
-        cases.append(Case(name, tuple(paths), labels[name]))
+    if not images_dir.is_dir():
+        raise DataError("image folder not found", images_dir)
+    groups: dict[str, list[Case]] = {}
+    for case in io.image_cases(images_dir, pattern):
+        groups.setdefault(case.name, []).append(case)
+    labels = io.label_files(labels_dir)
+    cases = [_labelled(name, same, labels, labels_dir) for name, same in sorted(groups.items())]
     orphans = sorted(set(labels) - set(groups))
     if orphans:
         log.warning("%d label file(s) in %s have no image and are ignored: %s", len(orphans), labels_dir,
                     ", ".join(labels[n].name for n in orphans[:5]) + (" ..." if len(orphans) > 5 else ""))
     return cases
+
+
+def _labelled(name: str, same: list[Case], labels: dict[str, Path], labels_dir: Path) -> Case:
+    """The one image case called ``name`` with its label map; a DataError naming the files else."""
+    files = [p for c in same for p in c.images]
+    if len(same) > 1:
+        raise DataError(f"several image files for case {name!r} ({', '.join(p.name for p in files)}): "
+                        f"keep one, or name channel files {name}_0000, {name}_0001, ...", files[0])
+    if name not in labels:
+        raise DataError(f"no label map named {name!r} (any image extension) in {labels_dir}; labels are "
+                        f"paired with images by name{_channels_hint(name, files)}", files[0])
+    return Case(name, same[0].images, labels[name])
+
+
+def _channels_hint(name: str, files: list[Path]) -> str:
+    """Why several files became one case, and how to name one-channel cases that end in _0000."""
+    if len(files) == 1:
+        return ""
+    stem, ext = io.split_extension(files[0])
+    shown = ", ".join(p.name for p in files[:3]) + (" ..." if len(files) > 3 else "")
+    return (f" ({shown} are the channels of one case {name!r} because {files[0].name} exists; name "
+            f"one-channel images <case>_0000, e.g. {stem}_0000{ext})")
 
 
 def split_cases(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[list[Case], list[Case]]:
@@ -160,3 +93,35 @@ def split_cases(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[
     train = [c for i, c in enumerate(ordered) if i not in val_idx]
     val = [c for i, c in enumerate(ordered) if i in val_idx]
     return train, val
+
+
+def split_from_file(cases: Sequence[Case], path: str | Path, fold: int) -> tuple[list[Case], list[Case]]:
+    """(train, validation) cases of ``fold`` of an nnU-Net-style split file.
+
+    The file is a JSON list of folds, each ``{"train": [case names], "val": [case names]}`` (nnU-Net's
+    ``splits_final.json``).
+
+    Raises:
+        DataError: unreadable file, no such fold, a name with no case, a case in both lists.
+    """
+    import json
+
+    path = Path(path)
+    try:
+        folds = json.loads(path.read_text())
+        train_names, val_names = list(folds[fold]["train"]), list(folds[fold]["val"])
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the split file ({type(exc).__name__}: {exc})", path) from None
+    except (IndexError, KeyError, TypeError):
+        n = len(folds) if isinstance(folds, list) else 0
+        raise DataError(f"has no fold {fold} with 'train' and 'val' lists ({n} fold(s); set data.fold)",
+                        path) from None
+    by_name = {c.name: c for c in cases}
+    missing = [n for n in train_names + val_names if n not in by_name]
+    if missing:
+        raise DataError(f"names {len(missing)} case(s) not found in the image folder, e.g. {missing[0]!r}", path)
+    both = sorted(set(train_names) & set(val_names))
+    if both or not val_names or not train_names:
+        raise DataError(f"fold {fold} needs disjoint, non-empty train and val lists"
+                        + (f" ({both[0]!r} is in both)" if both else ""), path)
+    return [by_name[n] for n in sorted(train_names)], [by_name[n] for n in sorted(val_names)]

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple, Sequence
 import torch.nn as nn
 
 from seg.ops import check_spatial_dims
-from seg.registry import Registry
+from seg.registry import Registry, check_options
 
 HEADS = Registry("head")
 
@@ -67,6 +67,7 @@ def build_head(name: str, feature_info: Sequence[Any], num_classes: int, spatial
     """
     check_spatial_dims(spatial_dims)
     info = as_feature_info(feature_info, spatial_dims)
+    check_options(HEADS.get(name), f"{name} head option", kwargs)
     return HEADS.get(name)(feature_info=info, num_classes=num_classes,
                            spatial_dims=spatial_dims, **kwargs)
 

@@ -1,4 +1,4 @@
-"""PointRend's light coarse mask head (detectron2 ConvFCHead, POINTREND.md §8.1), 2D and 3D.
+"""PointRend's light coarse mask head (detectron2 ConvFCHead, docs/pointrend.md §8), 2D and 3D.
 
 Per region, the finest level is point-sampled on a regular ``pooler_resolution``^d grid of cell
 centres (RoIAlign with sampling_ratio 1), reduced by a kernel-2 stride-2 conv to
@@ -25,8 +25,10 @@ import torch
 import torch.nn as nn
 
 from seg import ops
+from seg.errors import ConfigError
 from seg.pointrend import (generate_regular_grid_point_coords, point_sample_fine_grained_features,
                            whole_input_boxes)
+from seg.registry import unknown_name_message
 
 from . import HEADS, FeatureInfo, nearest_level
 
@@ -52,9 +54,11 @@ class CoarseMaskHead(nn.Module):
                  conv_dim: int | None = None, fc_dim: int = 1024, num_fc: int = 2) -> None:
         super().__init__()
         if pooler_resolution % 2:
-            raise ValueError(f"pooler_resolution must be even, got {pooler_resolution}")
-        level = nearest_level(feature_info, 4) if in_feature is None else \
-            next(f for f in feature_info if f.name == in_feature)
+            raise ConfigError(f"mask head pooler_resolution must be even, got {pooler_resolution}")
+        by_name = {f.name: f for f in feature_info}
+        if in_feature is not None and in_feature not in by_name:
+            raise ConfigError(unknown_name_message("mask head in_feature", in_feature, by_name))
+        level = nearest_level(feature_info, 4) if in_feature is None else by_name[in_feature]
         self.in_feature, self.spatial_dims = level.name, spatial_dims
         self.num_classes = num_classes
         self.pooler_size = (pooler_resolution,) * spatial_dims

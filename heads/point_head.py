@@ -1,7 +1,7 @@
 """PointRend's StandardPointHead: a shared MLP (Conv1d, kernel 1) over point features.
 
 Dimension-free: it sees (N, C, P) point features, whatever the number of spatial axes of the maps
-they were sampled from (POINTREND.md §6.1).
+they were sampled from (docs/pointrend.md §6).
 """
 from __future__ import annotations
 

@@ -28,7 +28,10 @@ def load_config(path: str | None = None) -> Any:
         raise ConfigError(f"cannot execute config: {type(exc).__name__}: {exc}", path) from exc
     if not hasattr(module, "get_config"):
         raise ConfigError("config file must define get_config()", path)
-    cfg = module.get_config()
+    try:
+        cfg = module.get_config()
+    except Exception as exc:  # a user's function: report it like the file above
+        raise ConfigError(f"get_config() failed: {type(exc).__name__}: {exc}", path) from exc
     cfg._source = str(path)  # relative data paths resolve against the config file's folder
     return cfg
 
@@ -101,6 +104,14 @@ def _auto_or(value: Any, check: Any) -> bool:
         return False
 
 
+def _window_ok(window: Any) -> bool:
+    try:
+        low, high = window
+        return bool(low < high)
+    except (TypeError, ValueError):
+        return False
+
+
 def _axes_ok(axes: Any, dims: int) -> bool:
     return (isinstance(axes, (tuple, list)) and len(set(axes)) == len(axes)
             and all(isinstance(a, int) and 0 <= a < dims for a in axes))
@@ -119,11 +130,13 @@ def validate_config(cfg: Any) -> None:
         (_auto_or(d.patch_size, lambda v: isinstance(v, (tuple, list)) and len(v) == d.spatial_dims
                   and all(isinstance(p, int) and p > 0 for p in v)),
          f"data.patch_size must be 'auto' or {d.spatial_dims} positive sizes, got {d.patch_size!r}"),
+        (_window_ok(d.ct_window), f"data.ct_window must be (low, high) with low < high, got {d.ct_window!r}"),
         (d.patch_voxel_budget is None or d.patch_voxel_budget > 0, "data.patch_voxel_budget must be > 0"),
         (_auto_or(d.slice_axis, lambda v: v in (0, 1, 2)),
          f"data.slice_axis must be 'auto', 0, 1 or 2, got {d.slice_axis!r}"),
         (0.0 <= d.foreground_ratio <= 1.0, "data.foreground_ratio must be in [0, 1]"),
         (0.0 < d.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
+        (isinstance(d.fold, int) and d.fold >= 0, f"data.fold must be an integer >= 0, got {d.fold!r}"),
         (_auto_or(d.normalization, lambda v: all(n in NORMALIZATIONS for n in ([v] if isinstance(v, str) else v))
                   and (isinstance(v, str) or len(v) == d.in_channels)),
          f"data.normalization must be 'auto', one of {', '.join(NORMALIZATIONS)} or one per channel, "
@@ -164,3 +177,64 @@ def validate_config(cfg: Any) -> None:
         raise ConfigError(unknown_name_message("head (model.head)", m.head, heads.HEADS.names()))
     if m.pretrained and not Path(m.pretrained).is_file():
         raise ConfigError("pretrained weights file not found", m.pretrained)
+
+
+#: what ``--set`` may change when a run is resumed: extend it, or give it more wall-clock time
+RESUME_FIELDS = ("train.iterations", "train.max_minutes")
+
+
+def config_from_dict(template: Any, values: dict[str, Any], where: str = "checkpoint") -> Any:
+    """``template`` (a config dataclass, changed in place and returned) with the fields of
+    ``values`` (``Config.to_dict()`` of a run), each coerced to its declared type.
+
+    Fields ``values`` lacks keep the template's value; keys the schema does not know are an error
+    naming ``where``.
+    """
+    hints = typing.get_type_hints(type(template))
+    for f in dataclasses.fields(template):
+        if f.name not in values:
+            continue
+        current, value = getattr(template, f.name), values[f.name]
+        if dataclasses.is_dataclass(current):
+            config_from_dict(current, value, where)
+            continue
+        try:
+            setattr(template, f.name, _coerce(value, hints[f.name], f.name))
+        except ValueError as exc:
+            raise ConfigError(f"stored config: {exc}", where) from exc
+    unknown = set(values) - {f.name for f in dataclasses.fields(template)}
+    if unknown:
+        raise ConfigError(f"stored config has field(s) this version does not know: "
+                          f"{', '.join(sorted(unknown))}", where)
+    return template
+
+
+def resume_config(template: Any, checkpoint: str, overrides: Sequence[str], unsafe_load: bool = False) -> Any:
+    """The configuration a run resumed from ``checkpoint`` continues with: the run's own (stored in
+    the checkpoint), with ``overrides`` limited to ``RESUME_FIELDS``.
+
+    Raises:
+        ConfigError: an override of another field, or a ``train.iterations`` the run has reached.
+    """
+    from seg.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint, unsafe_load=unsafe_load)
+    if "config" not in ckpt or "iteration" not in ckpt:
+        raise ConfigError("cannot resume: the checkpoint holds no training state (config, iteration)",
+                          checkpoint)
+    cfg = config_from_dict(template, ckpt["config"], checkpoint)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in RESUME_FIELDS:
+            raise ConfigError(f"--set {key} with --resume: a resumed run keeps its own configuration; "
+                              f"only {' and '.join(RESUME_FIELDS)} may change")
+    apply_overrides(cfg, overrides)
+    cfg.train.output_dir = str(Path(checkpoint).parent)  # the run continues in its own folder
+    if ckpt.get("config_source"):
+        cfg._source = ckpt["config_source"]  # relative data paths resolve as they did for the run
+    done = int(ckpt["iteration"])
+    if cfg.train.iterations is not None and cfg.train.iterations <= done:
+        raise ConfigError(f"the run is at iteration {done}: to continue it, set train.iterations above "
+                          f"that (--set train.iterations=N)", checkpoint)
+    cfg._resumed_from = str(checkpoint)
+    return cfg

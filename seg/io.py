@@ -1,9 +1,24 @@
-"""Reading and writing medical images with their geometry (SimpleITK).
+"""The one reader and writer of images, label maps and cases, for training, inference and evaluation.
 
 Arrays are channels-first in torchio's voxel order: a 3D image is (C, X, Y, Z), a 2D image (C, X, Y),
 i.e. ``sitk.GetArrayFromImage(img)`` with its spatial axes reversed.  ``ImageMeta`` keeps the geometry
 in SimpleITK's own order (spacing and origin per (x, y, z) axis, direction as the row-major flattened
 matrix), so writing a prediction back reproduces the input's size, spacing, origin and direction.
+
+Files and cases (``image_cases``, ``label_files``): every extension of ``IMAGE_EXTENSIONS`` is read
+everywhere.  A case is named by its file name without extension; nnU-Net channel files
+``name_0000``, ``name_0001``, ... form one multi-channel case ``name`` only when ``name_0000`` exists,
+otherwise each file is its own case (``case_0001.nii.gz`` and ``case_0002.nii.gz`` are two
+one-channel cases).  A label map (or a prediction) is always one file, named like its case.
+
+Reading (``read_image``, ``read_case``, ``read_label``) refuses, in one ``DataError`` line naming the
+file: unreadable files, NaN or infinite voxels (any format; NIfTI files are also read with nibabel,
+because SimpleITK may read a truncated NIfTI without an error and turns its NaN voxels into 0),
+channel files on different grids, label maps with non-integer values or differing vector components.
+
+One geometry tolerance (``check_geometry``) for every comparison of two grids (image and label,
+channel and channel, prediction and label): headers store floats, often float32, so spacing may
+differ by a relative 1e-3, origin by 5 % of the smallest voxel size, direction cosines by 1e-3.
 
 Writes are atomic: the file is written under its final name inside a hidden temporary folder next to
 the destination, then moved into place with ``os.replace``.  A crash never leaves a half-written
@@ -13,12 +28,13 @@ header that names the right data file.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -28,7 +44,12 @@ from seg.errors import DataError
 
 #: Extensions we read and write, longest first so '.nii.gz' wins over '.gz'.
 IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".png")
-_CHANNEL_SUFFIX = re.compile(r"_\d{4}$")
+_CHANNEL_SUFFIX = re.compile(r"_(\d{4})$")
+
+#: The geometry tolerance of ``check_geometry`` (see the module docstring).
+SPACING_RTOL = 1e-3
+ORIGIN_TOL_VOXELS = 0.05
+DIRECTION_ATOL = 1e-3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +89,27 @@ class ImageMeta:
         return img
 
 
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One case.
+
+    Attributes:
+        name: the case name: the file name without extension (and without ``_0000`` for channel files).
+        images: the image file, or one file per channel in channel order.
+        label: its label map, where there is one (training).
+    """
+
+    name: str
+    images: tuple[Path, ...]
+    label: Path | None = None
+
+    @property
+    def image(self) -> Path:
+        """The first (or only) image file; errors about the image name it."""
+        return self.images[0]
+
+
+# ----------------------------------------------------------------------------- files and cases
 def split_extension(path: str | os.PathLike) -> tuple[str, str]:
     """Split a file name into (stem, extension), knowing double extensions like '.nii.gz'."""
     name = Path(path).name
@@ -78,32 +120,105 @@ def split_extension(path: str | os.PathLike) -> tuple[str, str]:
     return Path(name).stem, Path(name).suffix
 
 
-def case_name(path: str | os.PathLike) -> str:
-    """Case identifier of an image file: the name without extension and nnU-Net channel suffix.
-
-    ``'brain1.nrrd' -> 'brain1'``, ``'la_003_0000.nii.gz' -> 'la_003'``.
-    """
-    return _CHANNEL_SUFFIX.sub("", split_extension(path)[0])
-
-
 def is_image_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` has one of the extensions we read (hidden files excluded)."""
     name = Path(path).name
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_file(p))
+
+
+def image_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike], pattern: str = "*") -> list[Case]:
+    """The cases of image folders and files, grouped by the rule of the module docstring.
+
+    Args:
+        inputs: a folder (the image files directly inside it), an image file, or a list of both.
+        pattern: glob the file names must match.
+
+    Returns:
+        The cases in the order of their first file (a folder's files sorted by name).
+
+    Raises:
+        DataError: an input does not exist, no image file, channel files with missing suffixes.
+    """
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    files: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            files += list_images(item)
+        elif item.exists() or is_image_file(item):  # a missing image file fails as its own case
+            files.append(item)
+        else:
+            raise DataError("no such file or folder", item)
+    files = [p for p in files if fnmatch.fnmatch(p.name, pattern)]
+    if not files:
+        which = f" matching {pattern!r}" if pattern != "*" else ""
+        raise DataError(f"no image files{which} (expected {', '.join(IMAGE_EXTENSIONS)})", items[0])
+    return group_cases(files)
+
+
+def group_cases(files: Sequence[Path]) -> list[Case]:
+    """Cases of ``files``: ``name_0000``, ``name_0001``, ... form one case when ``name_0000`` is
+    among them; any other file is a case of its own (``a.nii.gz`` and ``a.nrrd`` are two)."""
+    stems = {split_extension(p)[0] for p in files}
+    groups: dict[tuple[str, Path | None], list[Path]] = {}  # (name, the file of a one-file case)
+    for p in map(Path, files):
+        stem = split_extension(p)[0]
+        base = _CHANNEL_SUFFIX.sub("", stem)
+        key = (base, None) if base != stem and f"{base}_0000" in stems else (stem, p)
+        groups.setdefault(key, []).append(p)
+    return [Case(name, tuple(paths) if file else _channel_order(name, paths))
+            for (name, file), paths in groups.items()]
+
+
+def _channel_order(name: str, paths: list[Path]) -> tuple[Path, ...]:
+    """The channel files of case ``name`` ordered _0000, _0001, ...; a DataError unless complete."""
+    index = {p: int(_CHANNEL_SUFFIX.search(split_extension(p)[0]).group(1)) for p in paths}
+    order = sorted(paths, key=lambda p: (index[p], p.name))
+    if [index[p] for p in order] != list(range(len(order))):
+        found = ", ".join(f"_{index[p]:04d}" for p in order)
+        raise DataError(f"channel files of case {name!r} have suffixes {found}; expected _0000 to "
+                        f"_{len(order) - 1:04d}", order[0])
+    return tuple(order)
+
+
+def label_files(folder: str | os.PathLike) -> dict[str, Path]:
+    """{case name: file} of the label maps (or predictions) in ``folder``, each one file named like
+    its case (no channel grouping).
+
+    Raises:
+        DataError: no such folder, or two files for one name (``a.nii.gz`` and ``a.nrrd``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError("folder not found", folder)
+    files: dict[str, Path] = {}
+    for p in list_images(folder):
+        name = split_extension(p)[0]
+        if name in files:
+            raise DataError(f"two files for case {name!r}: {files[name].name} and {p.name}", folder)
+        files[name] = p
+    return files
+
+
+# ----------------------------------------------------------------------------- reading
+def read_image(path: str | os.PathLike, verify: bool = True) -> tuple[np.ndarray, ImageMeta]:
     """Read an image file as a channels-first array in torchio voxel order.
 
     Args:
         path: a .nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd or (2D) .png file.
+        verify: refuse NaN / infinite voxels and truncated NIfTI files (False: the file was
+            verified before, e.g. by ``datasets.check_case``).
 
     Returns:
         (array, meta): array (C, X, Y, Z) for 3D or (C, X, Y) for 2D, in the file's dtype; vector
         (multi-component) pixels become channels.
 
     Raises:
-        DataError: the file is missing, unreadable or corrupt (the message names the file).
+        DataError: the file is missing, unreadable, corrupt or not finite (the message names it).
     """
     path = Path(path)
     if not path.is_file():
@@ -113,6 +228,8 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
         arr = sitk.GetArrayFromImage(img)
     except RuntimeError as e:  # SimpleITK reports every I/O problem as RuntimeError
         raise DataError(f"cannot read image ({_first_line(e)})", path) from None
+    if verify:  # SimpleITK turns NaN voxels of NIfTI files into 0: check what nibabel reads
+        _check_finite(_nifti_data(path) if _is_nifti(path) else arr, path)
     d = img.GetDimension()
     if img.GetNumberOfComponentsPerPixel() > 1:  # (*S reversed, C) -> (C, *S)
         arr = arr.transpose(d, *range(d - 1, -1, -1))
@@ -121,30 +238,92 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, ImageMeta]:
     return np.ascontiguousarray(arr), ImageMeta.from_sitk(img, path)
 
 
-def verify_nifti(path: str | Path, what: str = "image") -> None:
-    """A NIfTI file's data is complete and finite (checks nothing for other formats).
+def read_case(paths: str | os.PathLike | Sequence[str | os.PathLike], verify: bool = True
+              ) -> tuple[np.ndarray, ImageMeta]:
+    """Read one case (an image file, or one file per channel) as (C, *S) with the first file's geometry.
 
     Raises:
-        DataError: truncated or corrupt file, or NaN / infinite voxels.
+        DataError: a file ``read_image`` refuses, or a channel whose geometry differs from the first's.
     """
-    if not str(path).lower().endswith((".nii", ".nii.gz")):
-        return
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    arrays, meta = [], None
+    for p in paths:
+        arr, m = read_image(p, verify)
+        if meta is not None:
+            check_geometry(m, meta, "channel", "first channel")
+        arrays.append(arr)
+        meta = meta or m
+    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), meta
+
+
+def read_label(path: str | os.PathLike, verify: bool = True) -> tuple[np.ndarray, ImageMeta]:
+    """Read a label map (or a prediction) as (*S) integers: the file's dtype, int64 for float files.
+
+    Identical vector components (e.g. RGB masks) are merged.
+
+    Raises:
+        DataError: a file ``read_image`` refuses, components that differ, non-integer values.
+    """
+    arr, meta = read_image(path, verify)
+    if arr.shape[0] > 1 and not all(np.array_equal(arr[0], a) for a in arr[1:]):
+        raise DataError(f"label map has {arr.shape[0]} different components per voxel; save it as a "
+                        "single-channel integer image", path)
+    label = arr[0]
+    if label.dtype.kind == "f":
+        fractional = label[label != np.round(label)]
+        if fractional.size:
+            raise DataError(f"label map has non-integer values (e.g. {fractional[0]:g}); labels must "
+                            "be integers", path)
+        label = label.astype(np.int64)
+    return label, meta
+
+
+def check_geometry(meta: ImageMeta, ref: ImageMeta, what: str = "label map", ref_what: str = "image"
+                   ) -> None:
+    """``meta`` has the dims, size, spacing, origin and direction of ``ref`` within the one
+    tolerance (module docstring); else a DataError naming ``meta``'s file, then ``ref``'s."""
+    other = f"its {ref_what} {ref.path}" if ref.path else f"its {ref_what}"
+    if meta.spatial_dims != ref.spatial_dims:
+        raise DataError(f"{what} is {meta.spatial_dims}D (size {meta.size}) but {other} is "
+                        f"{ref.spatial_dims}D (size {ref.size})", meta.path)
+    problems = []
+    if meta.size != ref.size:
+        problems.append(f"size {meta.size} vs {ref.size}")
+    if not np.allclose(meta.spacing, ref.spacing, rtol=SPACING_RTOL, atol=0):
+        problems.append(f"spacing {_fmt(meta.spacing)} vs {_fmt(ref.spacing)} mm")
+    if np.max(np.abs(np.subtract(meta.origin, ref.origin))) > ORIGIN_TOL_VOXELS * min(ref.spacing):
+        problems.append(f"origin {_fmt(meta.origin)} vs {_fmt(ref.origin)}")
+    if not np.allclose(meta.direction, ref.direction, rtol=0, atol=DIRECTION_ATOL):
+        problems.append(f"direction {_fmt(meta.direction)} vs {_fmt(ref.direction)}")
+    if problems:
+        raise DataError(f"{what} geometry differs from {other}: {'; '.join(problems)} "
+                        f"({what} vs {ref_what})", meta.path)
+
+
+def _fmt(values: Any) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith((".nii", ".nii.gz"))
+
+
+def _nifti_data(path: Path) -> np.ndarray:
+    """The stored voxels of a NIfTI file read with nibabel (DataError when truncated or corrupt)."""
     try:
-        data = nib.load(str(path)).dataobj.get_unscaled()
+        return nib.load(str(path)).dataobj.get_unscaled()
     except Exception as exc:  # nibabel raises ImageFileError, EOFError, OSError, zlib.error ...
-        detail = str(exc).splitlines()[0].replace(str(path), Path(path).name) if str(exc) else ""
-        raise DataError(f"cannot read the {what}: the file is truncated or corrupt "
-                        f"({type(exc).__name__}{': ' + detail if detail else ''})", path) from None
-    check_finite(data, path, what)
+        detail = str(exc).splitlines()[0].replace(str(path), path.name) if str(exc) else ""
+        raise DataError(f"the file is truncated or corrupt ({type(exc).__name__}"
+                        f"{': ' + detail if detail else ''})", path) from None
 
 
-def check_finite(image: np.ndarray, path: str | Path, what: str = "image") -> None:
-    """No NaN or infinite values in the array read from ``path``."""
-    if image.dtype.kind not in "fc":
-        return
-    bad = int(image.size - np.count_nonzero(np.isfinite(image)))
-    if bad:
-        raise DataError(f"{what} has {bad} NaN or infinite voxel(s); fix or mask them before training", path)
+def _check_finite(data: np.ndarray, path: Path) -> None:
+    """No NaN or infinite values in the voxels read from ``path``."""
+    if data.dtype.kind in "fc":
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise DataError(f"has {bad} NaN or infinite voxel(s); fix or mask them", path)
 
 
 def _first_line(e: Exception) -> str:
@@ -153,6 +332,7 @@ def _first_line(e: Exception) -> str:
     return useful[-1][:200]
 
 
+# ----------------------------------------------------------------------------- writing
 def label_dtype(labels: np.ndarray, num_classes: int | None = None) -> np.dtype:
     """uint8 when every label fits (at most 256 classes), else uint16."""
     top = (num_classes - 1) if num_classes else (int(labels.max()) if labels.size else 0)
@@ -229,21 +409,3 @@ def with_extension(path: str | os.PathLike, ext: str) -> Path:
     path = Path(path)
     ext = ext if ext.startswith(".") else "." + ext
     return path.with_name(split_extension(path)[0] + ext)
-
-
-def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name."""
-    return sorted(p for p in Path(folder).iterdir() if p.is_file() and is_image_file(p))
-
-
-def group_channels(paths: Sequence[Path]) -> dict[str, list[Path]]:
-    """Group files into cases: nnU-Net style ``case_0000``, ``case_0001`` files form one case.
-
-    Returns:
-        {case key: paths sorted by channel}, in the order of the first file of each case.
-    """
-    cases: dict[str, list[Path]] = {}
-    for p in paths:  # only suffixed files are grouped; 'a.nii.gz' and 'a.nrrd' stay two cases
-        stem = split_extension(p)[0]
-        cases.setdefault(case_name(p) if _CHANNEL_SUFFIX.search(stem) else p.name, []).append(p)
-    return {k: sorted(v, key=lambda p: p.name) for k, v in cases.items()}

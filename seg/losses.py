@@ -12,7 +12,7 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
     """Mean cross-entropy over non-ignored targets; 0 (with a graph) when all are ignored.
 
     PyTorch's mean reduction divides by the number of valid targets and returns NaN when it is 0
-    (POINTREND.md pitfall 4); this divides by max(count, 1) instead.
+    (docs/pointrend.md §3); this divides by max(count, 1) instead.
 
     Args:
         logits: (N, K, *S) or point logits (N, K, P).

@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from seg.errors import ConfigError
 from seg.registry import unknown_name_message
 
 log = logging.getLogger(__name__)
@@ -380,13 +381,13 @@ def boundary_f_score(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]
 # Per-case evaluation over integer label maps
 # ----------------------------------------------------------------------------------------------------
 def validate_options(metrics: Sequence[str], options: Mapping[str, Any]) -> dict[str, float]:
-    """Checks metric and option names (ValueError with close matches); returns options with defaults."""
+    """Checks metric and option names (ConfigError with close matches); returns options with defaults."""
     for name in metrics:
         if name not in HIGHER_IS_BETTER:
-            raise ValueError(unknown_name_message("metric", name, HIGHER_IS_BETTER))
+            raise ConfigError(unknown_name_message("metric (--metrics)", name, HIGHER_IS_BETTER))
     for key in options:
         if key not in DEFAULT_OPTIONS:
-            raise ValueError(unknown_name_message("metric option", key, DEFAULT_OPTIONS))
+            raise ConfigError(unknown_name_message("metric option", key, DEFAULT_OPTIONS))
     return {**DEFAULT_OPTIONS, **{k: float(v) for k, v in options.items()}}
 
 

@@ -14,11 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_CONVT = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _IN = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
-_MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
-_AVGPOOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _ADAPTIVE_AVG = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 _DROPOUT = {1: nn.Dropout1d, 2: nn.Dropout2d, 3: nn.Dropout3d}
 _LINEAR_MODE = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -115,16 +112,6 @@ def conv(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: An
         dilation=d, groups=groups, bias=bias, padding_mode=padding_mode)
 
 
-def conv_transpose(spatial_dims: int, in_channels: int, out_channels: int, kernel_size: Any = 2,
-                   stride: Any = 2, padding: Any = 0, output_padding: Any = 0, groups: int = 1,
-                   bias: bool = True) -> nn.Module:
-    """Transposed convolution for any ``spatial_dims``."""
-    return _CONVT[check_spatial_dims(spatial_dims)](
-        in_channels, out_channels, to_ntuple(kernel_size, spatial_dims),
-        stride=to_ntuple(stride, spatial_dims), padding=padding, output_padding=output_padding,
-        groups=groups, bias=bias)
-
-
 class LayerNormChannelsFirst(nn.Module):
     """LayerNorm over the channel axis of (N, C, *spatial) tensors, any number of spatial axes."""
 
@@ -163,19 +150,6 @@ def norm(name: str, spatial_dims: int, num_channels: int, num_groups: int = 8,
 def batch_norm(spatial_dims: int, num_channels: int, **kwargs: Any) -> nn.Module:
     """BatchNorm for any ``spatial_dims``."""
     return _BN[check_spatial_dims(spatial_dims)](num_channels, **kwargs)
-
-
-def max_pool(spatial_dims: int, kernel_size: Any, stride: Any = None, padding: Any = 0) -> nn.Module:
-    """Max pooling for any ``spatial_dims``."""
-    return _MAXPOOL[check_spatial_dims(spatial_dims)](kernel_size, stride=stride, padding=padding)
-
-
-def avg_pool(spatial_dims: int, kernel_size: Any, stride: Any = None, padding: Any = 0,
-             ceil_mode: bool = False, count_include_pad: bool = True) -> nn.Module:
-    """Average pooling for any ``spatial_dims``."""
-    return _AVGPOOL[check_spatial_dims(spatial_dims)](
-        kernel_size, stride=stride, padding=padding, ceil_mode=ceil_mode,
-        count_include_pad=count_include_pad)
 
 
 def adaptive_avg_pool(spatial_dims: int, output_size: Any = 1) -> nn.Module:

@@ -377,6 +377,23 @@ def level_strides(cfg: Any) -> list[tuple[int, ...]]:
     return [f.stride for f in as_feature_info(net.feature_info, d.spatial_dims)]
 
 
+PLANNED_FIELDS = ("data.target_spacing", "data.slice_axis", "data.patch_size", "data.normalization",
+                  "data.mirror_axes", "data.rotation_axes", "model.pointrend.train_num_points",
+                  "model.pointrend.subdivision_num_points")
+
+
+def unresolved(cfg: Any) -> list[str]:
+    """The planned fields of ``cfg`` still set to 'auto'."""
+    out = []
+    for name in PLANNED_FIELDS:
+        obj = cfg
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        if isinstance(obj, str) and obj == AUTO:
+            out.append(name)
+    return out
+
+
 def _pick(decisions: list[Decision], field: str, current: Any, auto_value: Any, why: str) -> Any:
     """Record ``field``: the rule's value when the config says 'auto', else the user's."""
     if isinstance(current, str) and current == AUTO:

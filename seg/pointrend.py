@@ -1,7 +1,7 @@
 """PointRend point sampling, selection and subdivision as pure, dims-generic functions.
 
 Names follow detectron2's ``projects/PointRend/point_rend/point_features.py`` (see
-``/work/shared/POINTREND.md``); the code is our own and works for 2D (N, C, H, W) and 3D
+``docs/pointrend.md``); the code is our own and works for 2D (N, C, H, W) and 3D
 (N, C, D, H, W) tensors alike, the number of spatial axes being taken from the tensor rank.
 
 Coordinate conventions (used by every function here):
@@ -11,7 +11,7 @@ Coordinate conventions (used by every function here):
     * ``align_corners=False`` everywhere: cell j of an axis of length L covers [j/L, (j+1)/L) and its
       centre (j + 0.5)/L maps exactly onto index j.
 
-Padding (deliberate difference from detectron2, POINTREND.md §1 and pitfall 5): ``point_sample``
+Padding (deliberate difference from detectron2, docs/pointrend.md §1): ``point_sample``
 defaults to ``padding_mode="border"``, not grid_sample's ``"zeros"``.  With "zeros" a sample taken
 less than half a cell from the border is blended with zeros (a constant map c reads c/2 at u=0), so
 border logits look uncertain during training and refined cells disagree with
@@ -83,7 +83,7 @@ def get_uncertain_point_coords_with_randomness(
         coarse_logits: torch.Tensor, uncertainty_func: Callable[[torch.Tensor], torch.Tensor],
         num_points: int, oversample_ratio: float, importance_sample_ratio: float,
         generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training-time point selection (POINTREND.md §3), 2D or 3D.
+    """Training-time point selection (docs/pointrend.md §3), 2D or 3D.
 
     Draws M = int(N k) uniform candidates, samples the logits there (trilinear/bilinear), computes
     the uncertainty *of the sampled logits*, keeps the int(beta N) most uncertain candidates and
@@ -125,7 +125,7 @@ def cell_centres_from_index(idx: torch.Tensor, size: Sequence[int]) -> torch.Ten
 
     Returns:
         (R, P, d) coordinates; decodes x = idx mod W, y = idx // W mod H, z = idx // (H W) (the
-        ``mod H`` is the fix for the Q3 bug, POINTREND.md §4).
+        ``mod H`` matters whenever D > 1, docs/pointrend.md §4).
     """
     coords, rest = [], idx
     for length in reversed(tuple(size)):  # last axis (x) first
@@ -306,7 +306,7 @@ def subdivision_sizes(coarse_size: Sequence[int], out_size: Sequence[int],
 
 def subdivision_step(logits: torch.Tensor, point_fn: PointFn, num_points: int,
                      size: Sequence[int]) -> tuple[torch.Tensor, int]:
-    """One adaptive subdivision step (POINTREND.md §7.3).
+    """One adaptive subdivision step (docs/pointrend.md §7).
 
     Upsample (bi/trilinear, align_corners=False) to ``size``, take the min(N, #cells) most
     uncertain cells of the *current* map, evaluate ``point_fn`` at their centres and scatter the
@@ -372,7 +372,7 @@ def dense_point_inference(point_fn: PointFn, batch: int, out_size: Sequence[int]
 # --- regions (boxes) ----------------------------------------------------------------------------
 # A box is (lo_x, lo_y[, lo_z], hi_x, hi_y[, hi_z]) in normalised input coordinates, x-first like
 # the points.  Points inside a region are "box-normalised" (u in [0, 1]^d over the box) and map to
-# input coordinates as lo + u (hi - lo) (POINTREND.md §5).  Every backbone level covers the same
+# input coordinates as lo + u (hi - lo) (docs/pointrend.md §5).  Every backbone level covers the same
 # input extent, so the mapped coordinates address every level directly (detectron2 instead divides
 # pixel coordinates by each level's size / scale: the same thing in our normalised convention).
 

@@ -4,8 +4,11 @@
 checkpoint's own preprocessing: intensity normalisation and, when a target spacing is set, resampling
 to it.  The network's logits are resampled back to the input grid *before* the argmax (linear
 interpolation of logits, not nearest-neighbour of labels), so the output has exactly the input's
-size, spacing, origin and direction.  ``predict_folder`` runs a whole folder, skips outputs that
-exist, and turns a bad file into a one-line failure while the other cases go on.
+size, spacing, origin and direction.  Cases, their names and their files are found and read by
+``seg.io`` (the reader training and evaluation use).  ``predict_folder`` runs a whole folder, skips
+outputs that exist, and turns a bad file into a one-line failure while the other cases go on;
+outputs that would collide (two inputs, one output name; an output over an input) are refused
+before anything is written.
 """
 from __future__ import annotations
 
@@ -37,11 +40,13 @@ class PredictionReport:
         successes: (input file, written output) pairs.
         skipped: (input file, existing output) pairs left alone (no ``overwrite``).
         failures: (input file, one-line error message) pairs.
+        cases: names of the cases that have an output (written or skipped).
     """
 
     successes: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
     skipped: list[tuple[Path, Path]] = dataclasses.field(default_factory=list)
     failures: list[tuple[Path, str]] = dataclasses.field(default_factory=list)
+    cases: list[str] = dataclasses.field(default_factory=list)
 
 
 class Predictor:
@@ -67,6 +72,8 @@ class Predictor:
         self.spatial_dims = int(bundle.spatial_dims)
         self.patch_size = tuple(int(p) for p in bundle.patch_size)
         self.num_classes = len(bundle.class_names)
+        #: the label value written for each class index (the training files' values)
+        self.label_values = tuple(getattr(bundle, "label_values", None) or range(self.num_classes))
         if tta is True and getattr(bundle, "mirror_axes", None) is not None:
             tta = tuple(bundle.mirror_axes)  # the axes the model was trained mirrored along
         self.window_kwargs = dict(overlap=overlap, tta=tta, batch_size=batch_size, blend=blend,
@@ -74,11 +81,12 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
-                        **kwargs) -> "Predictor":
-        """Load ``path`` with ``seg.checkpoint.load_for_inference`` and wrap it."""
+                        unsafe_load: bool = False, **kwargs) -> "Predictor":
+        """Load ``path`` with ``seg.checkpoint.load_for_inference`` (``unsafe_load``: admit a file
+        that needs full unpickling, which runs code stored in it) and wrap it."""
         from seg.checkpoint import load_for_inference
 
-        return cls(load_for_inference(path, device), **kwargs)
+        return cls(load_for_inference(path, device, unsafe_load), **kwargs)
 
     def check_input(self, image: np.ndarray, path: str | os.PathLike | None = None) -> None:
         """Raise a one-line DataError when ``image`` (C, *S) cannot go through this model."""
@@ -142,27 +150,15 @@ class Predictor:
             out_path: label map to write (format from the extension); written atomically.
             probabilities_path: where to write the probabilities (float32, K channels), if wanted.
         """
-        image, meta = read_case(in_paths)
+        image, meta = io.read_case(in_paths)
         self.check_input(image, meta.path)
         labels, probs = self.predict_array(image, meta.spacing, probabilities_path is not None)
         if probs is not None:
             io.write_image(probabilities_path, probs, meta)
-        return io.write_label(out_path, labels, meta, num_classes=self.num_classes)
-
-
-def read_case(in_paths: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[np.ndarray, io.ImageMeta]:
-    """Read one case (one file or one file per channel) as (C, *S) with the first file's geometry."""
-    paths = [in_paths] if isinstance(in_paths, (str, os.PathLike)) else list(in_paths)
-    arrays, meta = [], None
-    for p in paths:
-        io.verify_nifti(p)  # SimpleITK may hide truncation and turns NaN into 0 in NIfTI files
-        arr, m = io.read_image(p)
-        if meta is not None and (m.size != meta.size or not np.allclose(m.spacing, meta.spacing, rtol=1e-4)):
-            raise DataError(f"channel grid {m.size} @ {m.spacing} differs from {meta.path} "
-                            f"({meta.size} @ {meta.spacing})", p)
-        arrays.append(arr)
-        meta = meta or m
-    return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), meta
+        values = self.label_values
+        if values != tuple(range(self.num_classes)):  # class indices -> the training files' values
+            labels = np.asarray(values)[labels]
+        return io.write_label(out_path, labels, meta, num_classes=max(values) + 1)
 
 
 def _labels_and_probabilities(logits: torch.Tensor, with_probs: bool
@@ -179,36 +175,62 @@ def _labels_and_probabilities(logits: torch.Tensor, with_probs: bool
     return labels, (logits.numpy() if with_probs else None)
 
 
-def find_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[list[Path]]:
-    """Cases to predict: a folder's image files, one file, or a list of files; each case a list of
-    channel files (nnU-Net ``case_0000``, ``case_0001`` ... grouped)."""
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    files: list[Path] = []
-    for item in map(Path, items):
-        if item.is_dir():
-            files += io.list_images(item)
-        elif item.exists() or io.is_image_file(item):
-            files.append(item)
-        else:
-            raise UserError("no such file or folder", item)
-    if not files:
-        raise UserError(f"no image files ({', '.join(io.IMAGE_EXTENSIONS)}) found", items[0])
-    return list(io.group_channels(files).values())
-
-
-def output_path(case: Sequence[Path], out_dir: str | os.PathLike, suffix: str = "", fmt: str = "same",
+def output_path(case: io.Case, out_dir: str | os.PathLike, suffix: str = "", fmt: str = "same",
                 probabilities: bool = False) -> Path:
-    """Output file of a case: the input's name (channel suffix removed) + suffix, in ``fmt``.
+    """Output file of a case: the case name (``seg.io``: a channel suffix removed) + suffix, in ``fmt``.
 
     Probabilities go to ``out_dir/probabilities/`` (as .nii.gz for PNG inputs, which cannot hold
     floats), so ``out_dir`` holds label maps only.
     """
     if fmt not in OUTPUT_FORMATS:
         raise UserError(f"unknown output format {fmt!r}; choose from {', '.join(OUTPUT_FORMATS)}")
-    ext = io.split_extension(case[0])[1] if fmt == "same" else "." + fmt
+    ext = io.split_extension(case.image)[1] if fmt == "same" else "." + fmt
     if probabilities:
         out_dir, ext = Path(out_dir) / "probabilities", (".nii.gz" if ext.lower() == ".png" else ext)
-    return Path(out_dir) / f"{io.case_name(case[0])}{suffix}{ext}"
+    return Path(out_dir) / f"{case.name}{suffix}{ext}"
+
+
+def check_outputs(cases: Sequence[io.Case], out_dir: str | os.PathLike, suffix: str = "",
+                  fmt: str = "same", save_probabilities: bool = False,
+                  input_dirs: Sequence[Path] = ()) -> None:
+    """Refuse outputs that would collide, before anything is written.
+
+    Raises:
+        UserError: ``out_dir`` is one of ``input_dirs``; an output (label map or probabilities)
+            would be an input file; two cases map to the same output (``a.nrrd`` and ``a.mha``
+            with ``fmt='nii.gz'``).  The message names the files.
+    """
+    out_dir = Path(out_dir)
+    for folder in input_dirs:
+        if folder.resolve() == out_dir.resolve():
+            raise UserError(f"is the input folder {folder}: write the outputs to another folder", out_dir)
+    inputs = {p.resolve(): p for case in cases for p in case.images}
+    owners: dict[Path, Path] = {}
+    for case in cases:
+        outs = [output_path(case, out_dir, suffix, fmt)]
+        if save_probabilities:
+            outs.append(output_path(case, out_dir, suffix, fmt, probabilities=True))
+        for out in outs:
+            key = out.resolve()
+            if key in inputs:
+                raise UserError(f"the output of {case.image} would overwrite the input {inputs[key]}: "
+                                "write the outputs to another folder", out)
+            if key in owners:
+                raise UserError(f"{owners[key]} and {case.image} would both be written to {out}: rename one, "
+                                "or keep them apart with --format / --suffix")
+            owners[key] = case.image
+
+
+def checked_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                  suffix: str = "", fmt: str = "same", save_probabilities: bool = False
+                  ) -> list[io.Case]:
+    """``seg.io.image_cases(inputs)`` once ``check_outputs`` has found no collision (UserError
+    otherwise)."""
+    cases = io.image_cases(inputs)
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    check_outputs(cases, out_dir, suffix, fmt, save_probabilities,
+                  input_dirs=[Path(p) for p in items if Path(p).is_dir()])
+    return cases
 
 
 def predict_folder(predictor: Predictor, inputs: str | os.PathLike | Sequence[str | os.PathLike],
@@ -230,24 +252,30 @@ def predict_folder(predictor: Predictor, inputs: str | os.PathLike | Sequence[st
 
     Returns:
         A ``PredictionReport`` with successes, skipped cases and failures (one line each).
+
+    Raises:
+        UserError: no inputs, or outputs that would collide (``check_outputs``; nothing written).
+        Exception: anything but a ``UserError`` in a case is a bug and stops the run.
     """
-    cases = find_cases(inputs)
+    cases = checked_cases(inputs, out_dir, suffix, fmt, save_probabilities)
     report = PredictionReport()
     from tqdm import tqdm
     for case in tqdm(cases, desc="cases", unit="case", disable=not progress):
         out = output_path(case, out_dir, suffix, fmt)
         if out.exists() and not overwrite:
             logger.info("%s exists, skipped (use overwrite to redo it)", out)
-            report.skipped.append((case[0], out))
+            report.skipped.append((case.image, out))
+            report.cases.append(case.name)
             continue
         prob = output_path(case, out_dir, suffix, fmt, probabilities=True) if save_probabilities else None
         try:
-            report.successes.append((case[0], predictor.predict_file(case, out, prob)))
-        except Exception as exc:  # noqa: BLE001 - one bad case must not stop the others
+            report.successes.append((case.image, predictor.predict_file(case.images, out, prob)))
+            report.cases.append(case.name)
+        except UserError as exc:  # a bad file must not stop the others (a bug does)
             if fail_fast:
                 raise
-            msg = str(exc) if isinstance(exc, UserError) else f"{case[0]}: {type(exc).__name__}: {exc}"
-            logger.error("%s", msg.splitlines()[0] if msg else type(exc).__name__)
-            logger.debug("traceback for %s", case[0], exc_info=True)
-            report.failures.append((case[0], msg.splitlines()[0] if msg else type(exc).__name__))
+            msg = " ".join(str(exc).split())
+            logger.error("%s", msg)
+            logger.debug("traceback for %s", case.image, exc_info=True)
+            report.failures.append((case.image, msg))
     return report

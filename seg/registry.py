@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import difflib
+import inspect
 from typing import Any, Callable, Iterator
+
+from seg.errors import ConfigError
 
 
 class Registry:
@@ -29,9 +32,9 @@ class Registry:
         return deco
 
     def get(self, name: str) -> Callable[..., Any]:
-        """The builder registered as ``name``; unknown names raise a ValueError with suggestions."""
+        """The builder registered as ``name``; unknown names raise a ConfigError with suggestions."""
         if name not in self._builders:
-            raise ValueError(unknown_name_message(self.kind, name, self._builders))
+            raise ConfigError(unknown_name_message(self.kind, name, self._builders))
         return self._builders[name]
 
     def names(self) -> list[str]:
@@ -43,6 +46,14 @@ class Registry:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def check_options(fn: Callable[..., Any], kind: str, options: dict[str, Any]) -> None:
+    """Raise a "did you mean" ConfigError for the first of ``options`` that ``fn`` does not take."""
+    known = [p for p in inspect.signature(fn).parameters if p != "self"]
+    for name in options:
+        if name not in known:
+            raise ConfigError(unknown_name_message(kind, name, known))
 
 
 def unknown_name_message(kind: str, name: str, known: Any) -> str:

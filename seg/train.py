@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from seg import distributed as distr
 from seg import plan as planning
-from seg.checkpoint import atomic_torch_save, load_checkpoint, model_config_from, preprocessing_from
+from seg.checkpoint import (atomic_torch_save, label_values_from, load_checkpoint, model_config_from,
+                            preprocessing_from, to_plain)
 from seg.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
@@ -61,15 +62,18 @@ def segment_seed(seed: int, iteration: int) -> int:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain Python (NumPy's key array as a list), so that
+    checkpoints load with ``weights_only=True``."""
+    state = {"python": random.getstate(), "numpy": to_plain(np.random.get_state()),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate(tuple(state["python"]))
+    np.random.set_state(tuple(state["numpy"]))  # older checkpoints: the key as an array
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():  # as many devices as are visible now
         for i, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
@@ -136,9 +140,12 @@ def find_data(cfg: Any) -> tuple[list, list]:
     cases = ds.find_cases(resolve_data_path(cfg, d.images_dir), resolve_data_path(cfg, d.labels_dir),
                           pattern=d.pattern)
     val_img = resolve_data_path(cfg, d.val_images_dir)
+    split = resolve_data_path(cfg, "root", d.split_file)
     if val_img is not None and val_img.exists():
         train_cases = cases
         val_cases = ds.find_cases(val_img, resolve_data_path(cfg, d.val_labels_dir), pattern=d.pattern)
+    elif split is not None and split.is_file():
+        train_cases, val_cases = ds.split_from_file(cases, split, d.fold)
     else:
         train_cases, val_cases = ds.split_cases(cases, d.val_fraction, cfg.train.seed)
     for case in list(train_cases) + list(val_cases):
@@ -156,9 +163,10 @@ def plan_run(cfg: Any, train_cases: list, out_dir: Path | None, ctx: distr.DistC
     """
     ctx = ctx or distr.DistContext()
     main = ctx.is_main and out_dir is not None
+    strides = planning.level_strides(cfg)  # a bad backbone option stops here, before any file is written
     fp = planning.compute_fingerprint(train_cases, cfg.data, out_dir / "fingerprint.json" if main else None,
                                       progress=progress and ctx.is_main)
-    decisions = planning.make_plan(fp, cfg, planning.level_strides(cfg))
+    decisions = planning.make_plan(fp, cfg, strides)
     planned = planning.apply_plan(cfg, decisions)
     if planned.data.intensity_stats is None:
         planned.data.intensity_stats = planning.intensity_statistics(fp)
@@ -263,21 +271,25 @@ def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: i
         "format_version": 1,
         "model": model.state_dict(),
         "model_config": model_config_from(cfg),
-        "spatial_dims": d.spatial_dims,
-        "patch_size": tuple(d.patch_size),
-        "slice_axis": d.slice_axis if d.spatial_dims == 2 else None,
-        "preprocessing": preprocessing_from(cfg).to_dict(),
-        "class_names": list(d.class_names),
-        "in_channels": d.in_channels,
-        "mirror_axes": list(d.mirror_axes),
-        "plan": plan,
+        **to_plain({  # plain data only: the file loads with weights_only=True (seg.checkpoint)
+            "spatial_dims": d.spatial_dims,
+            "patch_size": tuple(d.patch_size),
+            "slice_axis": d.slice_axis if d.spatial_dims == 2 else None,
+            "preprocessing": preprocessing_from(cfg).to_dict(),
+            "class_names": list(d.class_names),
+            "in_channels": d.in_channels,
+            "mirror_axes": list(d.mirror_axes),
+        "label_values": label_values_from(d.label_remap, d.num_classes),
+            "plan": plan,
+            "iteration": iteration,
+            "best": best,
+            "config": cfg.to_dict(),
+        "config_source": getattr(cfg, "_source", None),
+        }),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict(),
-        "iteration": iteration,
         "rng": rng_state(),
-        "best": best,
-        "config": cfg.to_dict(),
     }
 
 
@@ -290,18 +302,19 @@ class TrainResult:
     last_metrics: dict[str, float]
 
 
-def build_training(cfg: Any, device: torch.device, model_factory: Any = None):
+def build_training(cfg: Any, device: torch.device, model_factory: Any = None, unsafe_load: bool = False):
     """Model, optimiser, scheduler and grad scaler for ``cfg``.
 
     ``model_factory(cfg)`` replaces the registry-built model (benchmarks compare other networks
     through the very same loop); it must offer ``forward_train``, ``loss`` and ``forward``.
+    ``unsafe_load`` admits a ``model.pretrained`` file that needs full unpickling (trusted files).
     """
     from seg.model import build_model
 
     model = model_factory(cfg) if model_factory else build_model(**model_config_from(cfg))
     if cfg.model.pretrained:
         from backbones.pretrained import load_pretrained
-        load_pretrained(model.backbone, cfg.model.pretrained)
+        load_pretrained(model.backbone, cfg.model.pretrained, unsafe_load=unsafe_load)
     model.to(device)
     # fused: one kernel over all parameters (3.5x faster than the per-tensor loop on CPU; same
     # update rule, and its state dict is the plain AdamW one, so checkpoints resume either way)
@@ -359,14 +372,16 @@ def optimise(losses, model, optimizer, scheduler, scaler, cfg,
 
 
 def train_step(model, batch, optimizer, scheduler, scaler, cfg, device,
-               ctx: distr.DistContext | None = None) -> dict[str, float]:
+               ctx: distr.DistContext | None = None, what: str = "the training step") -> dict[str, float]:
     """One optimisation step; returns the loss terms as floats (averaged over processes).
 
     ``model`` is the model, or (distributed) ``wrap_model(TrainForward(model))``.  An exception in
-    the forward on any rank stops every rank (``DistContext.guard``) before the gradient all-reduce.
+    the forward on any rank stops every rank (``DistContext.guard``, its message naming ``what``)
+    before the gradient all-reduce; a non-finite loss stops every rank before the step (``optimise``).
+    The loop of ``train`` calls exactly this, so tests and benchmarks time what training runs.
     """
     ctx = ctx or distr.DistContext()
-    with ctx.guard("the training step"):
+    with ctx.guard(what):
         losses = forward_losses(model, batch, cfg, device)
     return optimise(losses, model, optimizer, scheduler, scaler, cfg, ctx)
 
@@ -383,7 +398,7 @@ def with_iterations(cfg: Any) -> Any:
 
 
 def train(cfg: Any, resume: str | None = None, progress: bool = True, model_factory: Any = None,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, unsafe_load: bool = False, overwrite: bool = False) -> TrainResult:
     """Train ``cfg`` (an hparam ``Config``), on one process or, under torchrun, on all of them.
 
     Args:
@@ -392,6 +407,10 @@ def train(cfg: Any, resume: str | None = None, progress: bool = True, model_fact
         progress: show a tqdm bar (rank 0 only).
         model_factory: optional ``f(cfg) -> model`` replacing the registry-built model.
         stop_after: stop after this iteration as if interrupted (tests of resume).
+        overwrite: a new run may replace another run in ``train.output_dir`` (its checkpoints, logs,
+            plan and TensorBoard files are deleted first); without it that is a ConfigError.
+        unsafe_load: admit ``resume`` and ``model.pretrained`` files that need full unpickling
+            (it runs code stored in the file: trusted files only).
     """
     cfg = with_iterations(cfg.validate())
     t = cfg.train
@@ -399,33 +418,59 @@ def train(cfg: Any, resume: str | None = None, progress: bool = True, model_fact
         torch.set_num_threads(t.num_threads)
     ctx = distr.setup(resolve_device(t.device), t.dist_timeout_minutes)
     try:
-        return _train(cfg, ctx, resume, progress, model_factory, stop_after)
+        return _train(cfg, ctx, resume, progress, model_factory, stop_after, unsafe_load, overwrite)
     finally:
         ctx.close()
 
 
+#: the files a run writes into its output folder
+RUN_FILES = ("last.pt", "best.pt", "train_log.csv", "val_log.csv", "plan.json", "fingerprint.json",
+             "tensorboard")
+
+
+def claim_output_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds another run, or (``overwrite``) delete that run's files."""
+    import shutil
+
+    other = [n for n in ("last.pt", "best.pt", "train_log.csv") if (out_dir / n).exists()]
+    if not other:
+        return
+    if not overwrite:
+        raise ConfigError(f"holds another run ({', '.join(other)}): choose another train.output_dir, "
+                          "continue it with --resume, or replace it with --overwrite", out_dir)
+    for name in RUN_FILES:
+        path = out_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+
+
 def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool, model_factory: Any,
-           stop_after: int | None) -> TrainResult:
+           stop_after: int | None, unsafe_load: bool = False, overwrite: bool = False) -> TrainResult:
     from torch.utils.tensorboard import SummaryWriter
 
     t, device = cfg.train, ctx.device
     seed_everything(t.seed)
     out_dir = Path(t.output_dir)
     with ctx.guard("data preparation"):
+        cases = find_data(cfg)  # bad data stops here, before the output folder exists
         if ctx.is_main:
+            if not resume:
+                claim_output_dir(out_dir, overwrite)
             out_dir.mkdir(parents=True, exist_ok=True)
-        cases = find_data(cfg)
-        cfg, decisions, fingerprint = plan_run(cfg, cases[0], out_dir, ctx, progress)
+        stored = load_checkpoint(resume, unsafe_load=unsafe_load).get("plan") if resume else None
+        if stored is not None and not planning.unresolved(cfg):  # the run's own plan, as it was
+            plan = stored
+        else:
+            cfg, decisions, fingerprint = plan_run(cfg, cases[0], out_dir, ctx, progress)
+            plan = planning.plan_record(fingerprint, decisions)
         data = prepare_data(cfg, ctx, cases)
         train_cases = distr.train_shard(data.train_cases, ctx.rank, ctx.world_size)
-    plan = planning.plan_record(fingerprint, decisions)
     with ctx.guard("model set-up"):
-        model, optimizer, scheduler, scaler = build_training(cfg, device, model_factory)
+        model, optimizer, scheduler, scaler = build_training(cfg, device, model_factory, unsafe_load)
         if t.sync_batchnorm:
             model = distr.convert_sync_batchnorm(model, ctx)
         start, best = 0, -1.0
         if resume:
-            start, best = restore(resume, model, optimizer, scheduler, scaler)
+            start, best = restore(resume, model, optimizer, scheduler, scaler, unsafe_load)
             if ctx.is_main:
                 log.info("resumed from %s at iteration %d", resume, start)
     step_model = distr.wrap_model(TrainForward(model), ctx) if ctx.distributed else model
@@ -445,15 +490,21 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
     model.train()
     while it < t.iterations:
         if stream is None or it % t.val_every == 0:  # a new segment: re-seed (per rank)
-            seed = distr.rank_seed(segment_seed(t.seed, it), ctx.rank)
-            seed_everything(seed)
+            begin = it - it % t.val_every
+            seed = distr.rank_seed(segment_seed(t.seed, begin), ctx.rank)
+            if it == begin:
+                seed_everything(seed)
+            # resumed mid-segment (a train.max_minutes stop): the restored generators go on, and the
+            # segment's data stream is replayed up to here, so the run continues exactly
             stream = batches(cfg, train_cases, seed)
-        # an exception on any rank stops them all (two guards: DDP's forward has its own collectives)
+            for _ in range(it - begin):
+                next(stream)
+        # an exception on any rank stops them all (two guards: DDP's forward has its own collectives,
+        # so loading the batch and the forward, inside train_step, are guarded apart)
         with ctx.guard(f"loading the batch of iteration {it + 1}"):
             batch = next(stream)
-        with ctx.guard(f"iteration {it + 1}"):
-            losses = forward_losses(step_model, batch, cfg, device)
-        values = optimise(losses, model, optimizer, scheduler, scaler, cfg, ctx)
+        values = train_step(step_model, batch, optimizer, scheduler, scaler, cfg, device, ctx,
+                            what=f"iteration {it + 1}")
         it += 1
         values.update(iteration=it, lr=scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 2))
         if ctx.is_main:
@@ -490,9 +541,11 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
     return TrainResult(out_dir, it, best, metrics)
 
 
-def restore(path: str, model, optimizer, scheduler, scaler) -> tuple[int, float]:
-    """Load model, optimiser, scheduler, scaler and RNG states; return (iteration, best)."""
-    ckpt = load_checkpoint(path)
+def restore(path: str, model, optimizer, scheduler, scaler, unsafe_load: bool = False
+            ) -> tuple[int, float]:
+    """Load model, optimiser, scheduler, scaler and RNG states; return (iteration, best).
+    ``unsafe_load``: see ``seg.checkpoint.load_checkpoint``."""
+    ckpt = load_checkpoint(path, unsafe_load=unsafe_load)
     for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
                       ("scaler", scaler)):
         if name not in ckpt:

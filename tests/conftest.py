@@ -20,3 +20,33 @@ def point_options(**overrides):
     base = PointRendConfig(train_num_points=64, subdivision_num_points=512, image_features="none",
                            fine_stem_channels=0, coarse_pred_each_layer=False)
     return {**dataclasses.asdict(base), **overrides}
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+    """(data folder, checkpoint) of a real 4-iteration 3D training run (seg.train.train) on synthetic
+    cases labelled {0, 1, 4}, trained with ``data.label_remap={4: 2}``: classes bg, outer, inner."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from seg.train import train
+    from test_train import tiny_config, write_case
+
+    root = tmp_path_factory.mktemp("trained")
+    rng = np.random.default_rng(2)
+    for i in range(4):
+        write_case(root / "ds", f"case{i}", rng)
+        path = root / "ds" / "labels" / f"case{i}.nii.gz"
+        lab = sitk.ReadImage(str(path))
+        arr = sitk.GetArrayFromImage(lab)
+        arr[arr == 2] = 4
+        new = sitk.GetImageFromArray(arr)
+        new.CopyInformation(lab)
+        sitk.WriteImage(new, str(path))
+    cfg = tiny_config(root / "ds", root / "run", 3, iterations=4)
+    cfg.data.label_remap = {4: 2}
+    result = train(cfg, progress=False)
+    return root / "ds", result.output_dir / "last.pt"

@@ -18,7 +18,7 @@ from backbones import build_backbone, list_backbones
 from backbones.base import Backbone
 from backbones.pretrained import (adapt_input_conv, inflate_conv_weight, load_pretrained,
                                   read_state_dict)
-from seg.errors import UserError
+from seg.errors import ConfigError, UserError
 
 HEAVY_PARAMS = 25_000_000
 SHAPES = {2: (1, 1, 45, 37), 3: (1, 1, 21, 27, 19)}
@@ -181,6 +181,24 @@ def test_not_a_checkpoint_and_missing_file(tmp_path) -> None:
         load_pretrained(build_backbone("convnext_atto", 2), tmp_path / "nope.pth")
 
 
+def test_file_needing_full_unpickling_loads_only_when_asked(tmp_path, caplog) -> None:
+    """No silent fallback to unsafe unpickling: refused with a message naming the file, the
+    object it holds and the opt-in; ``unsafe_load=True`` loads it (with a warning)."""
+    import argparse
+    import logging
+
+    model = build_backbone("convnext_atto", 2)
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)},
+               tmp_path / "official.pth")
+    with pytest.raises(UserError, match=r"official\.pth.*argparse\.Namespace.*arbitrary code.*--unsafe-load"):
+        load_pretrained(build_backbone("convnext_atto", 2), tmp_path / "official.pth")
+    with caplog.at_level(logging.WARNING):
+        report = load_pretrained(build_backbone("convnext_atto", 2), tmp_path / "official.pth",
+                                 unsafe_load=True)
+    assert report.loaded == len(model.state_dict())
+    assert any("unpickled in full" in r.getMessage() for r in caplog.records)
+
+
 def test_missing_unexpected_and_misfit_keys_raise(tmp_path) -> None:
     model = build_backbone("convnext_atto", 2)
     sd = model.state_dict()
@@ -189,7 +207,7 @@ def test_missing_unexpected_and_misfit_keys_raise(tmp_path) -> None:
     sd["stages.1.blocks.0.extra.weight"] = torch.zeros(3)
     sd["stages.0.blocks.0.gamma"] = torch.zeros(7)
     torch.save(sd, tmp_path / "bad.pth")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserError) as err:
         load_pretrained(build_backbone("convnext_atto", 2), tmp_path / "bad.pth")
     msg = str(err.value)
     for part in ("bad.pth", dropped, "stages.1.blocks.0.extra.weight", "stages.0.blocks.0.gamma"):
@@ -217,13 +235,28 @@ def test_backbone_from_a_training_checkpoint(tmp_path) -> None:
     load_pretrained(build_backbone("convnext_atto", 3), tmp_path / "best.pt")  # 2D run -> 3D
 
 
+@pytest.mark.parametrize("name", sorted({n.split("_")[0]: n for n in list_backbones()}.values()))
+def test_unknown_option_is_a_config_error_in_every_family(name: str) -> None:
+    with pytest.raises(ConfigError, match="option 'drop_path'. Did you mean 'drop_path_rate'"):
+        build_backbone(name, 2, drop_path=0.1)
+
+
+def test_per_axis_options_of_the_wrong_length_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match=r"window_size: expected 3 values"):
+        build_backbone("swinv2_tiny", 3, window_size=(4, 8))
+    with pytest.raises(ConfigError, match=r"kernel_size: expected 3 values"):
+        build_backbone("conv2former_n", 3, kernel_size=(3, 3))
+    with pytest.raises(ConfigError, match=r"strides: expected 3 values"):
+        build_backbone("convnext_atto", 3, strides=((1, 2), 2, 2, 2))
+
+
 def test_per_stage_values() -> None:
     from backbones.base import per_stage
     assert per_stage(2, 3, 3) == [(2, 2, 2)] * 3
     assert per_stage((1, 2, 2), 4, 3) == [(1, 2, 2)] * 4            # one per-axis tuple for all
     assert per_stage([(1, 2, 2), 2, 2, 2], 4, 3) == [(1, 2, 2)] + [(2, 2, 2)] * 3
     assert per_stage((4, 2, 2), 3, 3) == [(4, 4, 4), (2, 2, 2), (2, 2, 2)]  # length = count: per stage
-    with pytest.raises(ValueError, match="strides needs 4 entries"):
+    with pytest.raises(ConfigError, match="strides needs 4 entries"):
         per_stage((4, 2, 2), 4, 3, broadcast=False)
-    with pytest.raises(ValueError, match="sr_ratios must be positive"):
+    with pytest.raises(ConfigError, match="sr_ratios must be positive"):
         per_stage([1, 0], 2, 2, "sr_ratios")

@@ -12,6 +12,7 @@ import torch.nn as nn
 from backbones import build_backbone
 from backbones.cmt import CMT, LightweightAttention, RelativePositionBias, checkpoint_filter_fn
 from backbones.pretrained import load_pretrained
+from seg.errors import ConfigError
 
 TINY = dict(stem_chans=8, dims=(8, 16, 24, 32), depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
             mlp_ratio=2.0)
@@ -192,13 +193,13 @@ def test_grad_checkpointing_same_gradients() -> None:
 
 
 def test_bad_options() -> None:
-    with pytest.raises(ValueError, match="Did you mean 'sr_ratios'"):
+    with pytest.raises(ConfigError, match="Did you mean 'sr_ratios'"):
         build_backbone("cmt_ti", 2, sr_ratio=(8, 4, 2, 1))
-    with pytest.raises(ValueError, match="strides"):
+    with pytest.raises(ConfigError, match="strides"):
         build_backbone("cmt_ti", 3, strides=(2, 2, 2, 2))
-    with pytest.raises(ValueError, match="sr_ratios"):
+    with pytest.raises(ConfigError, match="sr_ratios"):
         build_backbone("cmt_ti", 2, sr_ratios=(8, 4, 2))
-    with pytest.raises(ValueError, match="out_indices"):
+    with pytest.raises(ConfigError, match="out_indices"):
         build_backbone("cmt_ti", 2, out_indices=(4,))
     with pytest.raises(ValueError, match="spatial_dims"):
         build_backbone("cmt_ti", 1)

@@ -11,6 +11,7 @@ import torch
 from backbones import build_backbone
 from backbones.conv2former import Conv2Former, Conv2FormerBlock, checkpoint_filter_fn
 from backbones.pretrained import load_pretrained
+from seg.errors import ConfigError
 
 ANISO = ((1, 4, 4), (1, 2, 2), (2, 2, 2), (2, 2, 2))
 
@@ -169,13 +170,13 @@ def test_grad_checkpointing_same_gradients() -> None:
 
 
 def test_bad_options() -> None:
-    with pytest.raises(ValueError, match="Did you mean 'drop_path_rate'"):
+    with pytest.raises(ConfigError, match="Did you mean 'drop_path_rate'"):
         build_backbone("conv2former_n", 2, drop_path=0.1)
-    with pytest.raises(ValueError, match="kernel_size"):
+    with pytest.raises(ConfigError, match="kernel_size"):
         build_backbone("conv2former_n", 2, kernel_size=4)
-    with pytest.raises(ValueError, match="strides"):
+    with pytest.raises(ConfigError, match="strides"):
         build_backbone("conv2former_n", 3, strides=(4, 2, 2))
-    with pytest.raises(ValueError, match="out_indices"):
+    with pytest.raises(ConfigError, match="out_indices"):
         build_backbone("conv2former_n", 2, out_indices=(4,))
     with pytest.raises(ValueError, match="spatial_dims"):
         build_backbone("conv2former_n", 1)

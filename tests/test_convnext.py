@@ -10,6 +10,7 @@ import torch
 from backbones import build_backbone
 from backbones.convnext import checkpoint_filter_fn
 from backbones.pretrained import load_pretrained
+from seg.errors import ConfigError
 
 timm = pytest.importorskip("timm")
 
@@ -195,11 +196,11 @@ def test_grad_checkpointing_same_gradients() -> None:
 
 
 def test_bad_options() -> None:
-    with pytest.raises(ValueError, match="drop_path_rate"):
+    with pytest.raises(ConfigError, match="drop_path_rate"):
         build_backbone("convnext_atto", 2, drop_path=0.1)
-    with pytest.raises(ValueError, match="strides"):
+    with pytest.raises(ConfigError, match="strides"):
         build_backbone("convnext_atto", 3, strides=(4, 2, 2))
-    with pytest.raises(ValueError, match="out_indices"):
+    with pytest.raises(ConfigError, match="out_indices"):
         build_backbone("convnext_atto", 2, out_indices=(4,))
     with pytest.raises(ValueError, match="spatial_dims"):
         build_backbone("convnext_atto", 1)

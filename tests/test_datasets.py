@@ -132,6 +132,23 @@ def test_find_cases_errors_name_the_culprit(tmp_path: Path) -> None:
     one_line_error(exc, tmp_path / "images" / "c_0000.nii.gz")
 
 
+def test_find_cases_same_grouping_rule_as_inference(tmp_path: Path) -> None:
+    """With ``case_0000`` present, ``case_0000``, ``case_0001`` are one case's channels in training as
+    at inference; the error says so and how to name one-channel cases."""
+    from seg import io
+    for name in ("case_0000", "case_0001"):
+        make_case(tmp_path, name)
+    assert [c.name for c in io.image_cases(tmp_path / "images")] == ["case"]
+    with pytest.raises(DataError, match="no label map named 'case'") as exc:
+        ds.find_cases(tmp_path / "images", tmp_path / "labels")
+    msg = one_line_error(exc, tmp_path / "images" / "case_0000.nii.gz")
+    assert "channels of one case 'case'" in msg and "case_0000_0000.nii.gz" in msg
+    make_case(tmp_path, "a", ".nrrd")
+    write(tmp_path / "images" / "a.mha", spheres().astype(np.float32))
+    with pytest.raises(DataError, match="several image files for case 'a'"):
+        ds.find_cases(tmp_path / "images", tmp_path / "labels", pattern="a.*")
+
+
 def test_split_cases_seeded_case_level() -> None:
     cases = [ds.Case(f"c{i}", (Path(f"c{i}.nii.gz"),), Path(f"l{i}.nii.gz")) for i in range(10)]
     train, val = ds.split_cases(cases, 0.2, seed=3)
@@ -142,6 +159,38 @@ def test_split_cases_seeded_case_level() -> None:
     assert len(train) == len(val) == 1
     with pytest.raises(UserError):
         ds.split_cases(cases[:1], 0.2, seed=0)
+
+
+def test_split_from_file_nnunet_format(tmp_path: Path) -> None:
+    import json
+    cases = [ds.Case(f"c{i}", (Path(f"c{i}.nii.gz"),), Path(f"l{i}.nii.gz")) for i in range(5)]
+    split = tmp_path / "splits_final.json"
+    split.write_text(json.dumps([{"train": ["c3", "c0", "c1"], "val": ["c4", "c2"]},
+                                 {"train": ["c2", "c4"], "val": ["c0", "c1", "c3"]}]))
+    train, val = ds.split_from_file(cases, split, 0)
+    assert [c.name for c in train] == ["c0", "c1", "c3"] and [c.name for c in val] == ["c2", "c4"]
+    assert [c.name for c in ds.split_from_file(cases, split, 1)[1]] == ["c0", "c1", "c3"]
+    with pytest.raises(DataError, match="no fold 2") as exc:
+        ds.split_from_file(cases, split, 2)
+    one_line_error(exc, split)
+    split.write_text(json.dumps([{"train": ["c0", "c9"], "val": ["c1"]}]))
+    with pytest.raises(DataError, match="'c9'"):
+        ds.split_from_file(cases, split, 0)
+    split.write_text(json.dumps([{"train": ["c0", "c1"], "val": ["c1"]}]))
+    with pytest.raises(DataError, match="in both"):
+        ds.split_from_file(cases, split, 0)
+
+
+def test_demo_hippocampus_split_file() -> None:
+    import json
+    root = ROOT / "data" / "demo" / "hippocampus"
+    cases = ds.find_cases(root / "imagesTr", root / "labelsTr")
+    folds = json.loads((root / "splits_final.json").read_text())
+    assert len(cases) == 200 and len(folds) == 5
+    vals = [set(f["val"]) for f in folds]
+    assert all(len(v) == 40 for v in vals) and set().union(*vals) == {c.name for c in cases}
+    train, val = ds.split_from_file(cases, root / "splits_final.json", 0)
+    assert len(train) == 160 and len(val) == 40 and not {c.name for c in train} & {c.name for c in val}
 
 
 # ----------------------------------------------------------------------------- checks
@@ -383,7 +432,8 @@ def test_native_2d_png_cases(tmp_path: Path) -> None:
 def test_demo_mni152_slabs() -> None:
     from hparam import Config
     from seg.train import planned_config
-    cfg = planned_config(Config())[0].data  # the defaults, planned from the demo's training slabs
+    from seg.config import load_config
+    cfg = planned_config(load_config(str(DEMO / "config.py")))[0].data  # planned from the training slabs
     assert cfg.normalization == "zscore_nonzero" and cfg.patch_size == (64, 64, 32)
     cases = ds.find_cases(DEMO / "imagesTr", DEMO / "labelsTr")
     assert [c.name for c in cases] == ["mni152_slab00", "mni152_slab02", "mni152_slab04"]

@@ -130,10 +130,13 @@ def test_cli_module(folders):
 
 
 def test_report_opens_in_headless_chromium(folders, tmp_path):
-    """The HTML report loads in a real browser with no console errors (skipped without Chromium)."""
+    """The HTML report loads in a real browser with no console errors (skipped without Chromium,
+    except in CI, whose .ci/run installs it: there a missing browser fails the test)."""
+    import os
+
     from seg.browser_check import check_page, find_chromium
 
-    if find_chromium() is None:
+    if find_chromium() is None and not os.environ.get("CI"):
         pytest.skip("Chromium not installed (apt-get install chromium)")
     out = folders / "report"
     evaluate_folders(folders / "pred", folders / "label", out, image_dir=folders / "image", progress=False)
@@ -144,3 +147,41 @@ def test_report_opens_in_headless_chromium(folders, tmp_path):
     broken = out / "broken.html"
     broken.write_text('<html><body><img src="missing.png"><script>undefined_fn()</script></body></html>')
     assert check_page(broken)
+
+
+def test_png_label_folder(tmp_path, capsys):
+    """PNG label maps (and predictions) are read like every other format."""
+    pred, ref, _, _ = _cases()["case_c"]
+    for sub, arr in (("pred", pred), ("label", ref)):
+        _write(tmp_path / sub / "slide1.png", arr, (1.0, 1.0))
+    out = tmp_path / "report"
+    assert main(["--pred", str(tmp_path / "pred"), "--label", str(tmp_path / "label"), "-o", str(out),
+                 "--no-pictures", "--metrics", "dice"]) == 0, capsys.readouterr().err
+    row = next(csv.DictReader(open(out / "metrics_per_case.csv")))
+    assert row["case"] == "slide1"
+    assert float(row["dice"]) == pytest.approx(M.evaluate_case(pred, ref, (1.0, 1.0), [1])[1]["dice"])
+
+
+def test_a_pair_that_trains_also_evaluates(tmp_path):
+    """One geometry tolerance: origin off by 1 % of a voxel and spacing off by a relative 1e-4 pass
+    the training check and the evaluation; 10 % of a voxel fails both."""
+    import datasets as ds
+
+    pred, ref, spacing, _ = _cases()["case_a"]
+    near = tuple(s * (1 + 1e-4) for s in spacing)
+    for off, ok in ((0.01, True), (0.1, False)):
+        origin = (off * min(spacing), 0.0, 0.0)
+        _write(tmp_path / "label" / "a.nrrd", ref, spacing, origin=(0.0, 0.0, 0.0))
+        _write(tmp_path / "pred" / "a.nrrd", pred, near, origin=origin)
+        _write(tmp_path / "image" / "a.nrrd", ref.astype(np.float32), near, origin=origin)
+        case = ds.Case("a", (tmp_path / "image" / "a.nrrd",), tmp_path / "label" / "a.nrrd")
+        if ok:
+            ds.check_case(case, 3)
+            summary = evaluate_folders(tmp_path / "pred", tmp_path / "label", tmp_path / "r", pictures=False,
+                                       progress=False)
+            assert summary["n_cases"] == 1
+            continue
+        with pytest.raises(DataError, match="a.nrrd: label map geometry differs from its image .*origin"):
+            ds.check_case(case, 3)
+        with pytest.raises(DataError, match="pred/a.nrrd: prediction geometry differs from its label map .*origin"):
+            evaluate_folders(tmp_path / "pred", tmp_path / "label", tmp_path / "r", pictures=False, progress=False)

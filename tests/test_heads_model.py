@@ -93,8 +93,12 @@ def test_head_options_and_errors():
     info = [FeatureInfo("a", 4, (4, 4)), FeatureInfo("b", 6, (32, 32))]
     assert build_head("deeplab", info, 2, 2, channels=8, fuse=False).output_stride == (32, 32)
     assert build_head("deeplab", info, 2, 2, channels=8).output_stride == (4, 4)  # nearest to 8
-    with pytest.raises(ValueError, match="deeplab"):
+    with pytest.raises(ConfigError, match="deeplab"):
         build_head("deeplap", info, 2, 2)
+    with pytest.raises(ConfigError, match="Did you mean 'channels'"):
+        build_head("deeplab", info, 2, 2, channel=8)
+    with pytest.raises(ConfigError, match="in_feature 'c'"):
+        build_head("mask", info, 2, 2, in_feature="c")
     assert default_atrous_rates((32, 32)) == [(3, 3), (6, 6), (9, 9)]
     assert default_atrous_rates((8, 32, 32)) == [(12, 3, 3), (24, 6, 6), (36, 9, 9)]
     # the 3D mask head keeps the 2D FC input width 256 * 7^2
@@ -278,7 +282,7 @@ def test_point_head_reads_the_image(d):
     out = model.forward_infer(images, "dense")
     torch.testing.assert_close(out, model.infer_from_features(features, coarse, SIZES[d], "dense",
                                                               images))
-    with pytest.raises(Exception, match="image_features"):
+    with pytest.raises(ConfigError, match="image_features"):
         assemble_model(TinyBackbone(d, 2), d, 3, pointrend=point_options(image_features="patch"))
 
 
@@ -302,6 +306,6 @@ def test_fine_stem_is_one_more_fine_level(d):
     # the stem is a real input to the point head: zeroing its last conv changes the dense output
     torch.nn.init.zeros_(model.fine_stem.layers[3].weight)
     assert not torch.allclose(out, model.forward_infer(images, "dense"))
-    with pytest.raises(Exception, match="fine_stem_channels"):
+    with pytest.raises(ConfigError, match="fine_stem_channels"):
         assemble_model(TinyBackbone(d, 2), d, 3, pointrend=point_options(fine_stem_channels=-1))
     assert _model(d).fine_stem is None  # off in detectron2's point head

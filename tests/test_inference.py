@@ -18,7 +18,7 @@ from seg import io, ops
 from seg.errors import DataError
 from seg.inference import (blend_weight, mirror_axes, predict_volume_2d, sliding_window_inference,
                            window_starts)
-from seg.predict import Predictor, find_cases, predict_folder
+from seg.predict import Predictor, predict_folder
 from seg.preprocess import Preprocessing
 
 torch.set_num_threads(1)
@@ -250,18 +250,15 @@ def case_folder(tmp_path):
 
 
 @pytest.fixture
-def fake_checkpoint(monkeypatch):
-    """Until seg.model exists, the CLI gets its Predictor from a tiny in-memory model."""
-    def from_checkpoint(cls, path, device="cpu", **kw):
-        return cls(_bundle(), **kw)
-
-    monkeypatch.setattr(Predictor, "from_checkpoint", classmethod(from_checkpoint))
+def checkpoint(trained_checkpoint):
+    """A real tiny trained checkpoint (conftest: 3 classes, label values 0, 1, 4)."""
+    return str(trained_checkpoint[1])
 
 
-def test_cli_corrupt_file_among_good_ones(case_folder, tmp_path, fake_checkpoint, caplog):
+def test_cli_corrupt_file_among_good_ones(case_folder, tmp_path, checkpoint, caplog):
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
-        rc = infer_seg.main(["-i", str(case_folder), "-o", str(out), "-m", "fake.pt", "--save-probabilities"])
+        rc = infer_seg.main(["-i", str(case_folder), "-o", str(out), "-m", checkpoint, "--save-probabilities"])
     assert rc == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert any("corrupt.nii.gz" in m for m in errors)
@@ -271,17 +268,17 @@ def test_cli_corrupt_file_among_good_ones(case_folder, tmp_path, fake_checkpoint
     assert pred.GetPixelID() == sitk.sitkUInt8
     for attr in ("GetSize", "GetSpacing", "GetOrigin", "GetDirection"):
         assert getattr(pred, attr)() == pytest.approx(getattr(src, attr)(), abs=1e-6)
-    assert sitk.ReadImage(str(out / "probabilities" / "brain1.nrrd")).GetNumberOfComponentsPerPixel() == 2
+    assert sitk.ReadImage(str(out / "probabilities" / "brain1.nrrd")).GetNumberOfComponentsPerPixel() == 3
 
     caplog.clear()  # second run: existing outputs are skipped, the bad file still fails
     mtime = (out / "brain1.nrrd").stat().st_mtime_ns
-    assert infer_seg.main(["-i", str(case_folder), "-o", str(out), "-m", "fake.pt"]) == 2
+    assert infer_seg.main(["-i", str(case_folder), "-o", str(out), "-m", checkpoint]) == 2
     assert (out / "brain1.nrrd").stat().st_mtime_ns == mtime
 
 
-def test_cli_single_file_suffix_format_overwrite(case_folder, tmp_path, fake_checkpoint):
+def test_cli_single_file_suffix_format_overwrite(case_folder, tmp_path, checkpoint):
     out = tmp_path / "o2"
-    args = ["-i", str(case_folder / "brain1.nrrd"), "-o", str(out), "-m", "x.pt", "--suffix", "_seg",
+    args = ["-i", str(case_folder / "brain1.nrrd"), "-o", str(out), "-m", checkpoint, "--suffix", "_seg",
             "--format", "nii.gz", "--tta", "--overlap", "0.25"]
     assert infer_seg.main(args) == 0
     assert [p.name for p in out.iterdir()] == ["brain1_seg.nii.gz"]
@@ -295,41 +292,104 @@ def test_predict_folder_report_and_fail_fast(case_folder, tmp_path):
     report = predict_folder(pred, case_folder, tmp_path / "o", progress=False)
     assert len(report.successes) == 2 and len(report.failures) == 1
     assert "corrupt.nii.gz" in report.failures[0][1]
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match="corrupt.nii.gz"):
         predict_folder(pred, case_folder, tmp_path / "o3", fail_fast=True, progress=False)
-    assert [len(c) for c in find_cases(case_folder)] == [1, 1, 1]
+    assert [len(c.images) for c in io.image_cases(case_folder)] == [1, 1, 1]
 
 
-def test_cli_user_errors_are_one_line(tmp_path, caplog):
-    with caplog.at_level(logging.ERROR):
-        rc = infer_seg.main(["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path / "no.pt")])
+def test_cli_user_errors_are_one_line(tmp_path, capsys):
+    _write_case(tmp_path / "a.nrrd")
+    rc = infer_seg.main(["-i", str(tmp_path), "-o", str(tmp_path / "o"), "-m", str(tmp_path / "no.pt")])
     assert rc == 2
-    assert any("no.pt" in r.getMessage() for r in caplog.records)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "no.pt" in err[0]
 
 
 def test_read_case_refuses_nan_nifti(tmp_path):
     """SimpleITK silently reads NaN voxels of a NIfTI file as 0: inference must refuse the file."""
-    from seg.predict import read_case
-
     arr = np.zeros((6, 7, 8), np.float32)
     arr[2, 3, 4] = np.nan
     path = tmp_path / "nan_case.nii.gz"
     sitk.WriteImage(sitk.GetImageFromArray(arr), str(path))
     assert not np.isnan(sitk.GetArrayFromImage(sitk.ReadImage(str(path)))).any()  # the hazard
     with pytest.raises(DataError, match="nan_case.nii.gz.*NaN"):
-        read_case(path)
+        io.read_case(path)
 
 
-def test_cli_labels_evaluates_with_foreground_class_names(case_folder, tmp_path, fake_checkpoint):
-    """--labels evaluates right after inference; report classes are the checkpoint's foreground names."""
+def _error_lines(caplog, name: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR and name in r.getMessage()]
+
+
+def test_cli_nan_nrrd_is_refused_and_the_others_written(tmp_path, checkpoint, caplog):
+    """Every format is checked for NaN (an .nrrd with one NaN voxel used to give an all-background
+    label map and success)."""
+    d = tmp_path / "in"
+    d.mkdir()
+    _write_case(d / "good.nrrd")
+    arr = _smooth_volume()[0]
+    arr[3, 4, 5] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(arr.transpose(2, 1, 0)), str(d / "nan_case.nrrd"))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        assert infer_seg.main(["-i", str(d), "-o", str(out), "-m", checkpoint]) == 2
+    errors = _error_lines(caplog, "nan_case.nrrd")
+    assert errors and all("1 NaN or infinite voxel" in m and "\n" not in m for m in errors)
+    assert sorted(p.name for p in out.iterdir()) == ["good.nrrd"]
+
+
+def test_cli_four_digit_names_are_one_channel_cases_unless_0000_exists(tmp_path, checkpoint, caplog):
+    d = tmp_path / "in"
+    d.mkdir()
+    for name in ("case_0001.nii.gz", "case_0002.nii.gz"):
+        _write_case(d / name)
+    assert [(c.name, len(c.images)) for c in io.image_cases(d)] == [("case_0001", 1), ("case_0002", 1)]
+    out = tmp_path / "out"
+    assert infer_seg.main(["-i", str(d), "-o", str(out), "-m", checkpoint]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["case_0001.nii.gz", "case_0002.nii.gz"]
+    _write_case(d / "case_0000.nii.gz")  # now the three files are the channels of one case 'case'
+    with caplog.at_level(logging.INFO):
+        assert infer_seg.main(["-i", str(d), "-o", str(tmp_path / "o2"), "-m", checkpoint]) == 2
+    assert any("has 3 channel(s)" in m for m in _error_lines(caplog, "case_0000.nii.gz"))
+    assert not (tmp_path / "o2" / "case.nii.gz").exists()
+
+
+def test_cli_channel_on_another_grid_is_refused(tmp_path, checkpoint, caplog):
+    d = tmp_path / "in"
+    d.mkdir()
+    _write_case(d / "good.nrrd")
+    first = _write_case(d / "m_0000.nii.gz")
+    first.SetOrigin((10.0, -20.0, 6.0))  # 1 mm off along z
+    sitk.WriteImage(first, str(d / "m_0001.nii.gz"))
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO):
+        assert infer_seg.main(["-i", str(d), "-o", str(out), "-m", checkpoint]) == 2
+    errors = _error_lines(caplog, "m_0001.nii.gz")
+    assert errors and "origin" in errors[0] and "m_0000.nii.gz" in errors[0]
+    assert sorted(p.name for p in out.iterdir()) == ["good.nrrd"]
+
+
+def test_cli_suffix_and_labels_evaluate_the_predicted_cases(trained_checkpoint, tmp_path, caplog, capsys):
+    """``--suffix _seg --labels`` pairs ``case0_seg.nii.gz`` with ``case0.nii.gz``; with --labels only
+    the predicted cases are evaluated, while ``python -m seg.evaluate`` needs every label's prediction."""
     import json
 
-    out, labels = tmp_path / "o3", tmp_path / "labels"
-    assert infer_seg.main(["-i", str(case_folder / "brain1.nrrd"), "-o", str(out), "-m", "x.pt"]) == 0
-    labels.mkdir()
-    (labels / "brain1.nrrd").write_bytes((out / "brain1.nrrd").read_bytes())  # prediction as reference
-    assert infer_seg.main(["-i", str(case_folder / "brain1.nrrd"), "-o", str(out), "-m", "x.pt",
-                           "--labels", str(labels)]) == 0
-    summary = json.loads((out / "evaluation" / "summary.json").read_text())
-    assert list(summary["classes"]) == ["fg"]
-    assert summary["classes"]["fg"]["dice"]["mean"] == 1.0
+    from seg.evaluate import main as evaluate_main
+
+    data, ckpt = trained_checkpoint
+    out, labels = tmp_path / "pred", str(data / "labels")
+    args = ["-m", str(ckpt), "--suffix", "_seg", "--labels", labels]
+    assert infer_seg.main(["-i", str(data / "images"), "-o", str(out), *args]) == 0
+    assert (out / "case0_seg.nii.gz").is_file()
+    assert json.loads((out / "evaluation" / "summary.json").read_text())["n_cases"] == 4
+    one = tmp_path / "one"
+    with caplog.at_level(logging.INFO):
+        assert infer_seg.main(["-i", str(data / "images" / "case1.nii.gz"), "-o", str(one), *args]) == 0
+    assert json.loads((one / "evaluation" / "summary.json").read_text())["n_cases"] == 1
+    assert "3 label(s) of cases that were not predicted are ignored" in caplog.text
+    capsys.readouterr()
+    report = ["--label", labels, "-o", str(tmp_path / "report"), "--no-pictures"]
+    assert evaluate_main(["--pred", str(one), "--suffix", "_seg", *report]) == 2
+    assert "no prediction for 3 labelled case(s)" in capsys.readouterr().err
+    assert evaluate_main(["--pred", str(out), *report]) == 2  # the suffix is part of the name
+    assert "no prediction for 4 labelled case(s)" in capsys.readouterr().err
+    assert evaluate_main(["--pred", str(out), "--suffix", "_seg", *report]) == 0

@@ -1,4 +1,5 @@
-"""seg.io: voxel order, geometry round trips (checked with SimpleITK directly), dtypes, atomic writes."""
+"""seg.io: voxel order, geometry round trips (checked with SimpleITK directly), dtypes, atomic writes;
+cases and their names, reading checks (finiteness, channel grids, label maps), the one tolerance."""
 import math
 
 import numpy as np
@@ -90,20 +91,39 @@ def test_label_dtype_uint16_above_256_classes(tmp_path):
     assert io.label_dtype(labels, num_classes=256) == np.uint8
 
 
-def test_case_names():
-    assert io.case_name("a/brain1.nrrd") == "brain1"
-    assert io.case_name("la_003_0000.nii.gz") == "la_003"
-    assert io.case_name("x.y.nii.gz") == "x.y"
-    assert io.case_name("c.nhdr") == "c" and io.case_name("b.MHA") == "b"
+def test_split_extension():
     assert io.split_extension("p/q.Nii.Gz") == ("q", ".Nii.Gz")
+    assert io.split_extension("x.y.nii.gz") == ("x.y", ".nii.gz") and io.split_extension("c.nhdr") == ("c", ".nhdr")
     assert str(io.with_extension("d/b.nii.gz", "nrrd")) == "d/b.nrrd"
 
 
-def test_group_channels(tmp_path):
-    paths = [tmp_path / n for n in ("c_0001.nii.gz", "c_0000.nii.gz", "a.nii.gz", "a.nrrd")]
-    groups = io.group_channels(paths)
-    assert [p.name for p in groups["c"]] == ["c_0000.nii.gz", "c_0001.nii.gz"]
-    assert len(groups) == 3
+def _names(cases):
+    return [(c.name, [p.name for p in c.images]) for c in cases]
+
+
+def test_group_cases_channel_files_only_with_their_0000(tmp_path):
+    """One rule for training, inference and evaluation: ``name_0001`` joins a case only when
+    ``name_0000`` exists; otherwise each file is its own case, named like the file."""
+    paths = [tmp_path / n for n in ("c_0001.nii.gz", "c_0000.nii.gz", "a.nii.gz", "a.nrrd",
+                                    "case_0001.nii.gz", "case_0002.nrrd", "la_003_0000.mha")]
+    assert _names(io.group_cases(paths)) == [
+        ("c", ["c_0000.nii.gz", "c_0001.nii.gz"]), ("a", ["a.nii.gz"]), ("a", ["a.nrrd"]),
+        ("case_0001", ["case_0001.nii.gz"]), ("case_0002", ["case_0002.nrrd"]), ("la_003", ["la_003_0000.mha"])]
+    with pytest.raises(DataError, match=r"suffixes _0000, _0002; expected _0000 to _0001") as exc:
+        io.group_cases([tmp_path / "d_0000.nrrd", tmp_path / "d_0002.nrrd"])
+    assert "d_0000.nrrd" in str(exc.value)
+
+
+def test_image_cases_every_format_and_pattern(tmp_path):
+    for name in ("b.png", "a.nhdr", "c_0000.mhd", "notes.txt", ".hidden.nrrd"):
+        (tmp_path / name).write_bytes(b"")
+    assert _names(io.image_cases(tmp_path)) == [("a", ["a.nhdr"]), ("b", ["b.png"]), ("c", ["c_0000.mhd"])]
+    assert _names(io.image_cases([tmp_path / "b.png"])) == [("b", ["b.png"])]
+    with pytest.raises(DataError, match=r"no image files matching 'z\*'") as exc:
+        io.image_cases(tmp_path, pattern="z*")
+    assert str(tmp_path) in str(exc.value)
+    with pytest.raises(DataError, match="no such file or folder"):
+        io.image_cases(tmp_path / "missing")
 
 
 def test_corrupt_and_missing_files_raise_data_error(tmp_path):
@@ -122,3 +142,61 @@ def test_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(ValueError):
         io.write_label(tmp_path / "l.nrrd", np.zeros((4, 3, 2)), meta)
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- reading checks
+def _write(path, arr_xyz, spacing=(0.8, 1.0, 2.0), origin=(1.0, 2.0, 3.0), direction=np.eye(3)):
+    sitk.WriteImage(_make_sitk(arr_xyz, direction, spacing, origin), str(path))
+    return path
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".mha", ".nhdr", ".mhd"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_and_inf_refused_in_every_format(tmp_path, ext, bad):
+    arr = np.zeros((5, 4, 3), np.float32)
+    arr[1, 2, 1] = bad
+    path = _write(tmp_path / f"x{ext}", arr)
+    with pytest.raises(DataError, match=r"x\.\w+.*: has 1 NaN or infinite voxel") as exc:
+        io.read_case(path)
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("problem", ["origin", "direction", "spacing", "size"])
+def test_channel_on_another_grid_is_refused(tmp_path, problem):
+    arr = np.arange(60, dtype=np.int16).reshape(5, 4, 3)
+    first = _write(tmp_path / "c_0000.nrrd", arr)
+    geometry = {"origin": dict(origin=(1.0, 2.0, 3.5)), "spacing": dict(spacing=(0.8, 1.0, 2.2)),
+                "direction": dict(direction=_rotation_z(10.0)), "size": {}}[problem]
+    second = _write(tmp_path / "c_0001.nrrd", arr[:, :, :2] if problem == "size" else arr, **geometry)
+    with pytest.raises(DataError) as exc:
+        io.read_case([first, second])
+    msg = str(exc.value)
+    assert msg.startswith(str(second)) and str(first) in msg and problem in msg and "\n" not in msg
+
+
+def test_one_tolerance_accepts_float_header_noise_and_refuses_more(tmp_path):
+    """Origin off by 1 % of a voxel and spacing off by a relative 1e-4 pass (as in training);
+    10 % of a voxel does not."""
+    ref = io.ImageMeta((0.8, 1.0, 2.0), (1.0, 2.0, 3.0), tuple(np.eye(3).ravel()), (5, 4, 3), "ref.nrrd")
+    near = io.ImageMeta((0.8 * (1 + 1e-4), 1.0, 2.0), (1.008, 2.0, 3.0), ref.direction, ref.size, "near.nrrd")
+    io.check_geometry(near, ref)
+    far = io.ImageMeta(ref.spacing, (1.08, 2.0, 3.0), ref.direction, ref.size, "far.nrrd")
+    with pytest.raises(DataError, match=r"^far\.nrrd: label map geometry differs from its image ref\.nrrd: origin"):
+        io.check_geometry(far, ref)
+
+
+def test_read_label_integers_and_components(tmp_path):
+    lab = np.array([[0, 1], [2, 1]], np.uint8)  # (X, Y)
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([lab.T] * 3, -1), isVector=True), str(tmp_path / "rgb.png"))
+    arr, meta = io.read_label(tmp_path / "rgb.png")
+    np.testing.assert_array_equal(arr, lab)
+    assert meta.size == (2, 2)
+    sitk.WriteImage(sitk.GetImageFromArray(np.stack([lab.T, lab.T * 0], -1), isVector=True),
+                    str(tmp_path / "two.mha"))
+    with pytest.raises(DataError, match="two.mha: label map has 2 different components"):
+        io.read_label(tmp_path / "two.mha")
+    floats = _write(tmp_path / "f.nrrd", np.full((2, 2, 2), 2.0, np.float32))
+    assert io.read_label(floats)[0].dtype == np.int64
+    _write(tmp_path / "f.nrrd", np.full((2, 2, 2), 0.5, np.float32))
+    with pytest.raises(DataError, match=r"f\.nrrd: label map has non-integer values \(e\.g\. 0\.5\)"):
+        io.read_label(floats)

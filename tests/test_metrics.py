@@ -11,6 +11,7 @@ import torch
 from scipy import ndimage
 
 from seg import metrics as M
+from seg.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI deprecation noise
 
@@ -273,9 +274,9 @@ def test_evaluate_case_matches_single_mask_functions():
 
 def test_evaluate_case_rejects_unknown_names():
     m = np.zeros((5, 6), np.uint8)
-    with pytest.raises(ValueError, match="Did you mean 'hd95'"):
+    with pytest.raises(ConfigError, match="Did you mean 'hd95'"):
         M.evaluate_case(m, m, (1, 1), [1], metrics=["hd96"])
-    with pytest.raises(ValueError, match="Did you mean 'width_mm'"):
+    with pytest.raises(ConfigError, match="Did you mean 'width_mm'"):
         M.evaluate_case(m, m, (1, 1), [1], widht_mm=2)
     with pytest.raises(ValueError, match="spacing"):
         M.evaluate_case(m, m, (1, 1, 1), [1])

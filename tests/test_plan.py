@@ -219,7 +219,8 @@ def test_plan_skull_on_head_zscores_air_dark(tmp_path) -> None:
 # ----------------------------------------------------------------------------- the command line
 def test_plan_only_cli_prints_caches_and_overrides(tmp_path) -> None:
     out = tmp_path / "run"
-    args = [sys.executable, str(ROOT / "train_seg.py"), "--plan-only", "--no-progress", "--set",
+    args = [sys.executable, str(ROOT / "train_seg.py"), "--plan-only", "--no-progress",
+            "--config", str(DEMO / "mni152" / "config.py"), "--set",
             f"train.output_dir='{out}'", "data.patch_size=(48,48,32)"]
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr

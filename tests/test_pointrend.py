@@ -1,4 +1,4 @@
-"""Properties P1-P10 of POINTREND.md §13 for seg/pointrend.py, each in 2D and 3D (float64)."""
+"""Properties P1-P10 of docs/pointrend.md for seg/pointrend.py, each in 2D and 3D (float64)."""
 from __future__ import annotations
 
 import math

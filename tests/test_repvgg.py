@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from backbones import build_backbone, list_backbones, reparameterize_model
 from backbones.repvgg import RepVGG, RepVGGBlock, checkpoint_filter_fn
-from seg.errors import ConfigError
+from seg.errors import ConfigError, UserError
 
 VARIANTS = ["repvgg_a0", "repvgg_a1", "repvgg_a2", "repvgg_b0", "repvgg_b1", "repvgg_b1g2",
             "repvgg_b1g4"]
@@ -119,7 +119,7 @@ def test_options_out_indices_strides_checkpointing_drop_path():
 
     with pytest.raises(ConfigError, match="drop_path_rate"):
         build_backbone("repvgg_a0", 2, drop_path_rat=0.1)
-    with pytest.raises(ValueError, match="out_indices"):
+    with pytest.raises(ConfigError, match="out_indices"):
         build_backbone("repvgg_a0", 2, out_indices=(5,))
 
 
@@ -220,7 +220,7 @@ def test_filter_fn_renames_both_layouts(timm_a0):
         out = checkpoint_filter_fn(state, model)
         assert set(out) == set(model.state_dict())  # classifier and unbuilt stages dropped
     deploy = {"stage0.rbr_reparam.weight": torch.zeros(48, 3, 3, 3)}
-    with pytest.raises(ValueError, match="deploy"):
+    with pytest.raises(UserError, match="deploy"):
         checkpoint_filter_fn(deploy, model)
 
 

@@ -8,6 +8,7 @@ import torch
 
 from backbones import build_backbone
 from backbones.swinv2 import SwinV2Block, SwinTransformerV2
+from seg.errors import ConfigError
 
 TINY = dict(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 2, 4), drop_path_rate=0.0)
 # spatial_dims -> (input shape, options): shifted windows active in stage 0 on every axis, and
@@ -121,7 +122,7 @@ def test_out_indices_and_grad_checkpointing():
 
 
 def test_unknown_option_suggests_name():
-    with pytest.raises(ValueError, match="drop_path_rate"):
+    with pytest.raises(ConfigError, match="drop_path_rate"):
         build_backbone("swinv2_tiny", 2, drop_path_rat=0.1)
 
 

@@ -41,11 +41,12 @@ def dataset(tmp_path: Path) -> Path:
     return tmp_path / "ds"
 
 
-def tiny_config(root: Path, out: Path, dims: int, iterations: int = 3) -> Config:
-    cfg = Config()
-    return apply_overrides(cfg, [
+def tiny_sets(root: Path, out: Path, dims: int, iterations: int = 3) -> list[str]:
+    """The ``--set`` overrides of a tiny, fast run on ``root``'s synthetic cases."""
+    return [
         f"data.root='{root}'", "data.images_dir=images", "data.labels_dir=labels",
-        "data.val_images_dir=None", "data.val_labels_dir=None", "data.val_fraction=0.25",
+        "data.val_images_dir=None", "data.val_labels_dir=None", "data.split_file=None",
+        "data.val_fraction=0.25",
         f"data.spatial_dims={dims}", f"data.patch_size={(32, 32, 32) if dims == 3 else (32, 32)}",
         "data.class_names=['bg','outer','inner']", "data.samples_per_volume=2", "data.queue_length=4",
         "data.normalization=zscore", "data.augment_affine=False",
@@ -54,7 +55,11 @@ def tiny_config(root: Path, out: Path, dims: int, iterations: int = 3) -> Config
         "model.pointrend.fc_dim=32",
         f"train.iterations={iterations}", "train.val_every=2", "train.batch_size=2",
         "train.warmup_iterations=1", f"train.output_dir='{out}'", "train.lr=1e-3",
-    ])
+    ]
+
+
+def tiny_config(root: Path, out: Path, dims: int, iterations: int = 3) -> Config:
+    return apply_overrides(Config(), tiny_sets(root, out, dims, iterations))
 
 
 def test_overrides_parse_types_and_suggest() -> None:
@@ -112,6 +117,9 @@ def test_train_end_to_end_and_checkpoint(dataset: Path, tmp_path: Path, dims: in
     assert {"best.pt", "last.pt", "train_log.csv", "val_log.csv"} <= {p.name for p in res.output_dir.iterdir()}
     assert 0.0 <= res.last_metrics["dice/mean"] <= 1.0
     assert not list(res.output_dir.glob(".*.tmp"))
+    for name in ("best.pt", "last.pt"):  # plain data and tensors only: loads with weights_only=True
+        assert torch.serialization.get_unsafe_globals_in_checkpoint(res.output_dir / name) == []
+        torch.load(res.output_dir / name, weights_only=True)
     bundle = load_for_inference(res.output_dir / "last.pt")
     assert bundle.spatial_dims == dims and bundle.class_names == ["bg", "outer", "inner"]
     x = torch.randn(1, 1, *([32] * dims))
@@ -119,6 +127,7 @@ def test_train_end_to_end_and_checkpoint(dataset: Path, tmp_path: Path, dims: in
 
 
 def test_resume_matches_uninterrupted_run(dataset: Path, tmp_path: Path) -> None:
+    from seg.checkpoint import load_checkpoint
     from seg.train import train
 
     full = train(tiny_config(dataset, tmp_path / "full", 3, iterations=4), progress=False)
@@ -126,11 +135,90 @@ def test_resume_matches_uninterrupted_run(dataset: Path, tmp_path: Path) -> None
     resumed = train(tiny_config(dataset, tmp_path / "part", 3, iterations=4), progress=False,
                     resume=str(tmp_path / "part" / "last.pt"))
     assert resumed.iterations == full.iterations == 4
-    a = torch.load(full.output_dir / "last.pt", weights_only=False)["model"]
-    b = torch.load(resumed.output_dir / "last.pt", weights_only=False)["model"]
+    a = load_checkpoint(full.output_dir / "last.pt")["model"]
+    b = load_checkpoint(resumed.output_dir / "last.pt")["model"]
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_resume_after_a_max_minutes_stop_mid_segment(dataset: Path, tmp_path: Path) -> None:
+    from seg.checkpoint import load_checkpoint
+    from seg.train import train
+
+    full = train(tiny_config(dataset, tmp_path / "full", 3, iterations=5), progress=False)
+    cfg = tiny_config(dataset, tmp_path / "part", 3, iterations=5)
+    cfg.train.max_minutes = 1e-9  # out of time after the first step: iteration 1 of segment [0, 2)
+    assert train(cfg, progress=False).iterations == 1
+    assert load_checkpoint(tmp_path / "part" / "last.pt")["iteration"] == 1
+    resumed = train(tiny_config(dataset, tmp_path / "part", 3, iterations=5), progress=False,
+                    resume=str(tmp_path / "part" / "last.pt"))
+    assert resumed.iterations == 5
+    a = load_checkpoint(full.output_dir / "last.pt")["model"]
+    b = load_checkpoint(resumed.output_dir / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def _rows(path: Path) -> list[dict]:
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_resume_is_the_runs_own_and_output_folders_are_not_shared(dataset: Path, tmp_path: Path) -> None:
+    from seg.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    proc = run_cli("--set", *tiny_sets(dataset, out, 3, iterations=2))
+    assert proc.returncode == 0, proc.stderr
+    # resumed with the run's own config (hparam.py's defaults name other data and classes), longer
+    proc = run_cli("--resume", str(out / "last.pt"), "--set", "train.iterations=4")
+    assert proc.returncode == 0, proc.stderr
+    assert [int(r["iteration"]) for r in _rows(out / "val_log.csv")] == [2, 4]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["iteration"] == 4 and ckpt["config"]["data"]["class_names"] == ["bg", "outer", "inner"]
+    assert tuple(ckpt["config"]["data"]["patch_size"]) == (32, 32, 32)
+    for args, culprit in ((["--set", "data.patch_size=(16,16,16)"], "data.patch_size"),
+                          (["--set", "train.iterations=3"], "at iteration 4"),
+                          (["--config", str(ROOT / "hparam.py")], "--config")):
+        proc = run_cli("--resume", str(out / "last.pt"), *args)
+        lines = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+        assert proc.returncode == 2 and len(lines) == 1 and culprit in lines[0], proc.stderr
+    assert load_checkpoint(out / "last.pt")["iteration"] == 4  # nothing was touched
+    # a new run into that folder is refused, unless --overwrite replaces the old run
+    proc = run_cli("--set", *tiny_sets(dataset, out, 3, iterations=2))
+    assert proc.returncode == 2 and "holds another run" in proc.stderr and str(out) in proc.stderr
+    assert load_checkpoint(out / "last.pt")["iteration"] == 4
+    proc = run_cli("--overwrite", "--set", *tiny_sets(dataset, out, 3, iterations=2))
+    assert proc.returncode == 0, proc.stderr
+    assert [int(r["iteration"]) for r in _rows(out / "train_log.csv")] == [1, 2]
+
+
+def test_rng_state_round_trips_and_older_checkpoints_load_safely(tmp_path: Path) -> None:
+    """The RNG state is stored as plain data; checkpoints written before (NumPy's key as an array)
+    still load with weights_only=True through the allow-list and restore the same streams."""
+    import random
+
+    from seg.checkpoint import load_checkpoint
+    from seg.train import rng_state, set_rng_state
+
+    np.random.seed(5)
+    random.seed(5)
+    state = rng_state()
+    assert isinstance(state["numpy"][1], list)
+    expected = (np.random.rand(3), random.random())
+    key = np.asarray(state["numpy"][1], np.uint32)  # the layout of older checkpoints
+    old = {**state, "numpy": (state["numpy"][0], key, *state["numpy"][2:])}
+    required = {k: 0 for k in ("model", "model_config", "spatial_dims", "patch_size", "preprocessing",
+                               "class_names")}
+    torch.save({**required, "rng": old}, tmp_path / "old.pt")
+    assert "numpy.ndarray" in torch.serialization.get_unsafe_globals_in_checkpoint(tmp_path / "old.pt")
+    np.random.seed(0)
+    random.seed(0)
+    set_rng_state(load_checkpoint(tmp_path / "old.pt")["rng"])
+    np.testing.assert_array_equal(np.random.rand(3), expected[0])
+    assert random.random() == expected[1]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
