@@ -20,7 +20,7 @@ class DataConfig:
     root: str = "data/demo/hippocampus"          # dataset folder (relative paths: from this file's folder)
     images_dir: str = "imagesTr"                 # training images, under root (nnU-Net layout works as-is)
     labels_dir: str = "labelsTr"                 # training label maps, paired with images BY NAME
-    val_images_dir: str | None = "imagesVal"     # explicit validation folders; None: seeded split
+    val_images_dir: str | None = "imagesVal"     # explicit validation folders (used when they exist); None: split_file, else a seeded split
     val_labels_dir: str | None = "labelsVal"     # validation label maps
     split_file: str | None = "splits_final.json"  # nnU-Net-style folds under root ([{"train": [...], "val": [...]}, ...]), used when there are no validation folders
     fold: int = 0                                # the fold of split_file to train
