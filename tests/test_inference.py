@@ -228,6 +228,25 @@ def test_predict_array_with_target_spacing_returns_input_grid():
         Predictor(_bundle(target_spacing=(2.0, 2.0, 2.0))).predict_array(img, None)
 
 
+@pytest.mark.parametrize("target", [(1.6, 1.3, 2.0), (1.6, 1.3)])
+def test_2d_model_with_target_spacing_on_2d_and_3d_inputs(target):
+    """A 2D model trained at a target spacing (3 values from volumes, or in-plane only) segments a
+    native 2D image and a volume, each back on its own grid (issue 13: it failed on 2D images)."""
+    from seg.preprocess import target_grid
+
+    bundle = _bundle(sd=2, slice_axis=2, target_spacing=target, patch=(8, 8))
+    image2d = _smooth_volume()[:, :, :, 3]  # (C, X, Y)
+    labels, _ = Predictor(bundle).predict_array(image2d, (1.0, 1.0))
+    assert labels.shape == image2d.shape[1:]
+    assert target_grid(image2d.shape[1:], (1.0, 1.0), target, 2) == (
+        round(image2d.shape[1] / 1.6), round(image2d.shape[2] / 1.3))
+    volume = _smooth_volume()
+    labels, _ = Predictor(bundle).predict_array(volume, (1.0, 1.0, 3.0))
+    assert labels.shape == volume.shape[1:]
+    expected_z = round(volume.shape[3] * 3.0 / 2.0) if len(target) == 3 else volume.shape[3]
+    assert target_grid(volume.shape[1:], (1.0, 1.0, 3.0), target, 2)[2] == expected_z
+
+
 # ------------------------------------------------------------------------------------ files / CLI
 def _write_case(path, shape=(19, 14, 9), spacing=(0.8, 0.9, 3.0)):
     arr = _smooth_volume(shape)[0].astype(np.int16)
