@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from seg.checkpoint import load_for_inference  # noqa: E402
+from seg.checkpoint import load_checkpoint, load_for_inference  # noqa: E402
 from seg.config import apply_overrides, load_config  # noqa: E402
 from seg.inference import predict_volume_2d, sliding_window_inference  # noqa: E402
 from seg.metrics import evaluate_case  # noqa: E402
@@ -154,8 +154,8 @@ def run_dims(dims: int, args: argparse.Namespace, device: torch.device) -> None:
             bundle.model.pointrend["subdivision_num_points"] = points or configured
         rows[name] = run_way(pred, bundle, cases, cfg, device)
     a.model.pointrend["subdivision_num_points"] = configured
-    it_a = torch.load(with_pr, map_location="cpu", weights_only=False)["iteration"]
-    it_b = torch.load(without_pr, map_location="cpu", weights_only=False)["iteration"]
+    it_a = load_checkpoint(with_pr)["iteration"]
+    it_b = load_checkpoint(without_pr)["iteration"]
     print(f"\n{dims}D, {cfg.model.backbone} + {cfg.model.head}, {it_a} / {it_b} iterations "
           f"(with / without point head), {len(cases)} validation slabs, patch {a.patch_size}, "
           f"overlap 0.5, device {device}; (b) uses N={configured or 'auto'} points per step unless named")

@@ -84,7 +84,7 @@ def resumed(data: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resumed")
     run = out / "run"
     train(tiny(str(data), str(run), 4), progress=False, stop_after=2)
-    torch.save(torch.load(run / "last.pt", weights_only=False)["model"], out / "one_process.pt")
+    torch.save(torch.load(run / "last.pt", weights_only=True)["model"], out / "one_process.pt")
     proc, _ = torchrun("train", str(out), str(data), "4", str(run / "last.pt"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[validation @ 4]" in proc.stdout + proc.stderr
@@ -110,7 +110,7 @@ def test_two_processes_resume_a_one_process_run(data: Path, resumed: Path) -> No
     run = resumed / "run"
     rank0, rank1 = torch.load(resumed / "rank0.pt"), torch.load(resumed / "rank1.pt")
     before = torch.load(resumed / "one_process.pt")
-    last = torch.load(run / "last.pt", weights_only=False)
+    last = torch.load(run / "last.pt", weights_only=True)
     assert last["iteration"] == 4
     for k in rank0:  # both ranks hold the same weights, and rank 0 wrote them unwrapped
         assert torch.equal(rank0[k], rank1[k]), k
