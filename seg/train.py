@@ -456,7 +456,8 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
             if not resume:
                 claim_output_dir(out_dir, overwrite)
             out_dir.mkdir(parents=True, exist_ok=True)
-        stored = load_checkpoint(resume, unsafe_load=unsafe_load).get("plan") if resume else None
+        resumed = load_checkpoint(resume, unsafe_load=unsafe_load) if resume else None  # read once
+        stored = resumed.get("plan") if resumed is not None else None
         if stored is not None and not planning.unresolved(cfg):  # the run's own plan, as it was
             plan = stored
         else:
@@ -470,7 +471,7 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
             model = distr.convert_sync_batchnorm(model, ctx)
         start, best = 0, -1.0
         if resume:
-            start, best = restore(resume, model, optimizer, scheduler, scaler, unsafe_load)
+            start, best = restore(resume, model, optimizer, scheduler, scaler, ckpt=resumed)
             if ctx.is_main:
                 log.info("resumed from %s at iteration %d", resume, start)
     step_model = distr.wrap_model(TrainForward(model), ctx) if ctx.distributed else model
@@ -541,11 +542,12 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
     return TrainResult(out_dir, it, best, metrics)
 
 
-def restore(path: str, model, optimizer, scheduler, scaler, unsafe_load: bool = False
-            ) -> tuple[int, float]:
+def restore(path: str, model, optimizer, scheduler, scaler, unsafe_load: bool = False,
+            ckpt: dict | None = None) -> tuple[int, float]:
     """Load model, optimiser, scheduler, scaler and RNG states; return (iteration, best).
-    ``unsafe_load``: see ``seg.checkpoint.load_checkpoint``."""
-    ckpt = load_checkpoint(path, unsafe_load=unsafe_load)
+    ``ckpt``: the checkpoint of ``path`` if already read; ``unsafe_load``: see
+    ``seg.checkpoint.load_checkpoint``."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path, unsafe_load=unsafe_load)
     for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
                       ("scaler", scaler)):
         if name not in ckpt:
