@@ -59,7 +59,7 @@ def build_head(name: str, feature_info: Sequence[Any], num_classes: int, spatial
     """Build a registered coarse head.
 
     Args:
-        name: 'deeplab' or 'mask' (see ``list_heads()``).
+        name: 'deeplab', 'mask' or 'unet' (see ``list_heads()``).
         feature_info: the backbone's declaration, fine to coarse.
         num_classes: K, including background.
         spatial_dims: 2 or 3.
@@ -73,7 +73,7 @@ def build_head(name: str, feature_info: Sequence[Any], num_classes: int, spatial
 
 
 # Importing the head modules registers them.
-from . import deeplab, mask_head  # noqa: E402,F401
+from . import deeplab, mask_head, unet  # noqa: E402,F401
 from .point_head import StandardPointHead  # noqa: E402,F401
 
 __all__ = ["HEADS", "FeatureInfo", "StandardPointHead", "as_feature_info", "build_head", "list_heads",

@@ -173,6 +173,11 @@ def validate_config(cfg: Any) -> None:
     if m.backbone not in backbones.BACKBONES:
         raise ConfigError(unknown_name_message("backbone (model.backbone)", m.backbone,
                                                backbones.list_backbones()))
+    default_kwargs = type(m)().backbone_kwargs
+    if m.backbone_kwargs == default_kwargs and default_kwargs and not m.backbone.startswith("convnext"):
+        raise ConfigError(f"model.backbone_kwargs {m.backbone_kwargs} is hparam.py's default for the "
+                          f"ConvNeXt backbones, not meant for {m.backbone}: also set "
+                          "model.backbone_kwargs={} (or its own options)")
     if m.head not in heads.HEADS:
         raise ConfigError(unknown_name_message("head (model.head)", m.head, heads.HEADS.names()))
     if m.pretrained and not Path(m.pretrained).is_file():

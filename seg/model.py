@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from heads import StandardPointHead, as_feature_info, build_head, nearest_level
+from heads import HEADS, StandardPointHead, as_feature_info, build_head, nearest_level
+from heads.unet import deep_supervision_weights
 from seg import ops
 from seg import pointrend as pr
 from seg.errors import ConfigError
@@ -42,12 +43,15 @@ class TrainOutput:
         point_logits: (N, K, P) point head output, or None without PointRend.
         point_coords: (N, P, d) x-first normalised coordinates, or None.
         point_labels: (N, P) int64 nearest-sampled targets (255 = ignore), or None.
+        aux_logits: deep-supervision logits of coarser decoder stages ('unet' head), coarse first
+            after the main one; empty otherwise.
     """
 
     coarse_logits: torch.Tensor
     point_logits: torch.Tensor | None = None
     point_coords: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
+    aux_logits: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 def resolve_pointrend_options(pointrend: Any) -> dict | None:
@@ -133,6 +137,8 @@ class SegmentationModel(nn.Module):
             raise ValueError(f"expected (N, C, {self.spatial_dims} spatial axes), got "
                              f"{tuple(images.shape)}")
         features = self.backbone(images)
+        if getattr(self.head, "reads_input", False):
+            return features, self.head(features, images)
         return features, self.head(features)
 
     def _point_fn(self, features: dict, coarse: torch.Tensor, images: torch.Tensor | None):
@@ -155,14 +161,17 @@ class SegmentationModel(nn.Module):
             labels: (N, *S) int64 (255 = ignore), used for the point targets.
         """
         features, coarse = self._features_and_coarse(images)
+        aux: list[torch.Tensor] = []
+        if isinstance(coarse, tuple):  # deep supervision (training mode)
+            coarse, aux = coarse
         if self.point_head is None:
-            return TrainOutput(coarse)
+            return TrainOutput(coarse, aux_logits=aux)
         opt = self.pointrend
         coords = pr.get_uncertain_point_coords_with_randomness(
             coarse, pr.calculate_uncertainty, opt["train_num_points"], opt["oversample_ratio"],
             opt["importance_sample_ratio"])
         point_logits = self._point_fn(features, coarse, images)(coords)
-        return TrainOutput(coarse, point_logits, coords, pr.sample_point_labels(labels, coords))
+        return TrainOutput(coarse, point_logits, coords, pr.sample_point_labels(labels, coords), aux)
 
     @torch.no_grad()
     def forward_infer(self, images: torch.Tensor, mode: str = "subdivision") -> torch.Tensor:
@@ -174,6 +183,8 @@ class SegmentationModel(nn.Module):
                 (coarse logits upsampled) or 'dense' (point head at every output cell).
         """
         features, coarse = self._features_and_coarse(images)
+        if isinstance(coarse, tuple):  # a deep-supervised head called in training mode
+            coarse = coarse[0]
         return self.infer_from_features(features, coarse, tuple(images.shape[2:]), mode, images)
 
     @torch.no_grad()
@@ -219,14 +230,23 @@ class SegmentationModel(nn.Module):
     def loss(self, out: TrainOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses: 'coarse_ce' + 'coarse_dice' on the coarse logits upsampled to the label size,
         'point' cross-entropy on the point logits (0 without PointRend), and their sum 'total'.
+        With deep supervision the coarse terms are nnU-Net's weighted sum over the main and the
+        auxiliary logits (weights 1, 1/2, 1/4, ... normalised, ``heads.unet``), each auxiliary
+        term against the labels nearest-resampled to its grid, as nnU-Net does.
 
         Args:
             out: ``forward_train`` result.
             labels: (N, *S) int64, 255 = ignore.
         """
+        weights = deep_supervision_weights(len(out.aux_logits))
         coarse = resize(out.coarse_logits, labels.shape[1:], mode="linear")
-        ce = masked_cross_entropy(coarse, labels, self.ignore_index)
-        dice = soft_dice_loss(coarse, labels, self.ignore_index)
+        ce = weights[0] * masked_cross_entropy(coarse, labels, self.ignore_index)
+        dice = weights[0] * soft_dice_loss(coarse, labels, self.ignore_index)
+        for w, logits in zip(weights[1:], out.aux_logits):  # on the aux grid, as nnU-Net
+            target = resize(labels.unsqueeze(1).float(), logits.shape[2:], mode="nearest")
+            target = target[:, 0].round().long()
+            ce = ce + w * masked_cross_entropy(logits, target, self.ignore_index)
+            dice = dice + w * soft_dice_loss(logits, target, self.ignore_index)
         point = coarse.new_zeros(()) if out.point_logits is None else \
             masked_cross_entropy(out.point_logits, out.point_labels, self.ignore_index)
         return {"coarse_ce": ce, "coarse_dice": dice, "point": point, "total": ce + dice + point}
@@ -238,7 +258,12 @@ def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
     """Build heads for an existing backbone module (anything with ``feature_info``); ``in_channels``
     is the input's channel count (the point head reads it with ``image_features``)."""
     info = as_feature_info(backbone.feature_info, spatial_dims)
-    coarse_head = build_head(head, info, num_classes, spatial_dims, **(head_kwargs or {}))
+    head_kwargs = dict(head_kwargs or {})
+    if head in HEADS and getattr(HEADS.get(head), "reads_input", False):
+        if "in_channels" in head_kwargs:
+            raise ConfigError("head option in_channels is set from data.in_channels; remove it")
+        head_kwargs["in_channels"] = in_channels
+    coarse_head = build_head(head, info, num_classes, spatial_dims, **head_kwargs)
     options = resolve_pointrend_options(pointrend)
     point_head = fine_stem = None
     if options is not None:

@@ -246,6 +246,6 @@ def test_trains_through_the_application(tmp_path) -> None:
     for i in range(4):
         write_case(tmp_path / "ds", f"case{i}", rng)
     cfg = apply_overrides(tiny_config(tmp_path / "ds", tmp_path / "run", 3),
-                          ["model.backbone=cmt_ti"])
+                          ["model.backbone=cmt_ti", "model.backbone_kwargs={}"])
     res = train(cfg, progress=False)
     assert res.iterations == 3 and 0.0 <= res.last_metrics["dice/mean"] <= 1.0

@@ -11,9 +11,11 @@ import torch.nn as nn
 
 from heads import FeatureInfo, StandardPointHead, build_head, list_heads
 from heads.deeplab import default_atrous_rates
+from heads.unet import deep_supervision_weights
 from seg import ops
 from seg import pointrend as pr
 from seg.errors import ConfigError
+from seg.losses import masked_cross_entropy, soft_dice_loss
 from seg.model import SegmentationModel, TrainOutput, assemble_model, build_model
 
 from conftest import point_options
@@ -65,12 +67,13 @@ def _labels(shape, k, seed=0, ignore_frac=0.1):
 
 def _model(d, head="deeplab", pointrend=True, k=3, **bb):
     torch.manual_seed(0)
-    head_kwargs = {"channels": 16, "low_level_channels": 8} if head == "deeplab" else \
-        {"fc_dim": 32}
+    head_kwargs = {"deeplab": {"channels": 16, "low_level_channels": 8}, "mask": {"fc_dim": 32},
+                   "unet": {"input_channels": (4, 6), "deep_supervision": 1}}[head]
     if head == "mask":
         bb.setdefault("channels", (6,))  # the mask head reads one level only
     pr_opts = point_options(fc_dim=16) if pointrend is True else pointrend
-    return assemble_model(TinyBackbone(d, 2, **bb), d, k, head, head_kwargs, pr_opts)
+    return assemble_model(TinyBackbone(d, 2, **bb), d, k, head, head_kwargs, pr_opts,
+                          in_channels=2)
 
 
 # heads from a declaration ----------------------------------------------------------------------
@@ -86,7 +89,67 @@ def test_head_from_feature_info(d, head):
     out = net(feats)
     expected = feats["l1"].shape[2:] if head == "deeplab" else (7,) * d  # stride 8 / 7^d
     assert out.shape == (2, 5, *expected)
-    assert set(list_heads()) >= {"deeplab", "mask"}
+    assert set(list_heads()) >= {"deeplab", "mask", "unet"}
+
+
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("output_stride", [1, 2, 4, 8])
+def test_unet_head_output_stride(d, output_stride):
+    info = [FeatureInfo(f"l{i}", 4 + i, (2 ** (i + 2),) * d) for i in range(4)]  # strides 4..32
+    size = SIZES[d]
+    feats = {f.name: torch.randn(2, f.channels, *(math.ceil(s / f.stride[0]) for s in size))
+             for f in info}
+    images = torch.randn(2, 3, *size)
+    net = build_head("unet", info, 5, d, output_stride=output_stride, input_channels=(4, 6),
+                     in_channels=3)
+    assert net.output_stride == (output_stride,) * d
+    # input stages only where they are needed: strides 1 and 2 below the finest level (4), and
+    # none finer than the logits
+    assert len(net.input_stages) == {1: 2, 2: 1, 4: 0, 8: 0}[output_stride]
+    out = net.eval()(feats, images)
+    assert out.shape == (2, 5, *(math.ceil(s / output_stride) for s in size))
+    with pytest.raises(ConfigError, match="power of two"):
+        build_head("unet", info, 5, d, output_stride=3)
+    with pytest.raises(ConfigError, match="none of this model's strides"):
+        build_head("unet", info, 5, d, output_stride=64)
+    with pytest.raises(ConfigError, match="input_channels"):
+        build_head("unet", info, 5, d, output_stride=1, input_channels=(4,))
+
+
+def test_unet_head_anisotropic_input_stages():
+    # finest level (2, 4, 4): the input stages are strides (1, 1, 1) and (2, 2, 2); the next step
+    # stops doubling depth at the backbone's depth stride
+    info = [FeatureInfo("a", 6, (2, 4, 4)), FeatureInfo("b", 8, (2, 8, 8))]
+    net = build_head("unet", info, 2, 3, output_stride=1, input_channels=(4, 6)).eval()
+    assert [tuple(b[0].stride) for b in net.input_stages] == [(1, 1, 1), (2, 2, 2)]
+    size = (9, 30, 34)
+    feats = {"a": torch.randn(1, 6, 5, 8, 9), "b": torch.randn(1, 8, 5, 4, 5)}
+    assert net(feats, torch.randn(1, 1, *size)).shape == (1, 2, *size)
+
+
+def test_deep_supervision_loss_is_nnunets_weighted_sum():
+    assert deep_supervision_weights(0) == [1.0]
+    assert deep_supervision_weights(2) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    model = _model(3, "unet", pointrend=None)
+    assert model.head.deep_supervision == 1
+    size = SIZES[3]
+    images, labels = torch.randn(2, 2, *size), _labels((2, *size), 3)
+    out = model.forward_train(images, labels)
+    assert [a.shape[2:] for a in out.aux_logits] == [model.backbone(images)["s0"].shape[2:]]
+    losses = model.loss(out, labels)
+    main = model.loss(TrainOutput(out.coarse_logits), labels)
+    # the aux target: the label of the voxel nearest each aux cell centre (closed form per axis)
+    aux = out.aux_logits[0]
+    idx = [((torch.arange(n) + 0.5) * s / n).floor().long() for n, s in zip(aux.shape[2:], size)]
+    target = labels[:, idx[0][:, None, None], idx[1][None, :, None], idx[2][None, None, :]]
+    aux_ce = masked_cross_entropy(aux, target)
+    aux_dice = soft_dice_loss(aux, target)
+    torch.testing.assert_close(losses["coarse_ce"], 2 / 3 * main["coarse_ce"] + 1 / 3 * aux_ce)
+    torch.testing.assert_close(losses["coarse_dice"],
+                               2 / 3 * main["coarse_dice"] + 1 / 3 * aux_dice)
+    # inference: one output, no aux
+    model.eval()
+    assert isinstance(model.head(model.backbone(images), images), torch.Tensor)
 
 
 def test_head_options_and_errors():
@@ -127,7 +190,7 @@ def test_point_head_reference_and_init():
 
 # the model ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("d", DIMS)
-@pytest.mark.parametrize("head", ["deeplab", "mask"])
+@pytest.mark.parametrize("head", ["deeplab", "mask", "unet"])
 def test_train_step_gradients_reach_every_parameter(d, head):
     model = _model(d, head)
     images, labels = torch.randn(2, 2, *SIZES[d]), _labels((2, *SIZES[d]), 3)
@@ -155,7 +218,7 @@ def test_all_ignored_labels_give_finite_losses(d):
 
 
 @pytest.mark.parametrize("d", DIMS)
-@pytest.mark.parametrize("head", ["deeplab", "mask"])
+@pytest.mark.parametrize("head", ["deeplab", "mask", "unet"])
 def test_infer_modes(d, head):
     model = _model(d, head).eval()
     images = torch.randn(2, 2, *SIZES[d])
@@ -163,7 +226,8 @@ def test_infer_modes(d, head):
     for out in outs.values():
         assert out.shape == (2, 3, *SIZES[d]) and torch.isfinite(out).all()
     torch.testing.assert_close(model(images), outs["subdivision"])
-    coarse = model.head(model.backbone(images))
+    features = model.backbone(images)
+    coarse = model.head(features, images) if head == "unet" else model.head(features)
     torch.testing.assert_close(outs["coarse"], ops.resize(coarse, SIZES[d]))
     # P9 at model level: a budget covering every cell makes subdivision equal to dense
     model.pointrend["subdivision_num_points"] = math.prod(SIZES[d])

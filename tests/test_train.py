@@ -76,6 +76,10 @@ def test_overrides_parse_types_and_suggest() -> None:
         apply_overrides(Config(), ["train.iterations=many"])
     with pytest.raises(ConfigError, match="unknown backbone"):
         apply_overrides(Config(), ["model.backbone=convnext_tiniest"]).validate()
+    # hparam.py's ConvNeXt kernel default is not carried over to another family
+    with pytest.raises(ConfigError, match=r"also set model.backbone_kwargs=\{\}"):
+        apply_overrides(Config(), ["model.backbone=repvgg_a0"]).validate()
+    apply_overrides(Config(), ["model.backbone=repvgg_a0", "model.backbone_kwargs={}"]).validate()
     with pytest.raises(ConfigError, match="image_features must be"):
         apply_overrides(Config(), ["model.pointrend.image_features='patch'"]).validate()
     apply_overrides(Config(), ["model.pointrend.image_features='cube5'"]).validate()
