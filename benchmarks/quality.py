@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Validation quality of our default model vs a MONAI UNet for the same wall-clock time.
 
-    python benchmarks/quality.py [--dims 3 2] [--ours-run runs/demo3d runs/demo2d] [--set key=value ...]
+    python benchmarks/quality.py [--dims 3 2] [--ours-run runs/demo3d runs/demo2d] [--nnunet-net]
+                                 [--set key=value ...]
 
 Ours is the default ``hparam.py`` model trained as ``python train_seg.py`` trains it (or a finished
 run of it, ``--ours-run``); the MONAI UNet then gets the same wall-clock time of the training loop
@@ -11,6 +12,15 @@ training loop (seg.train.train: data, augmentation, loss CE + Dice, AdamW schedu
 validation on the demo's validation slabs).  The MONAI UNet has channels 16-32-64-128,
 strides 2, two residual units (a benchmark-only dependency).  Prints mean foreground Dice and
 Boundary IoU per class of the final validation.
+
+``--nnunet-net`` (3D) adds nnU-Net's own network as its planner configures it for the hippocampus
+task's 3d_fullres plan: ``dynamic_network_architectures``' PlainConvUNet, 4 stages of 32-64-128-256
+features, 3^3 kernels, strides 1-2-2-2, two convs per stage, instance norm, LeakyReLU, deep
+supervision with nnU-Net's weights (1, 1/2, 1/4 normalised, the lowest output weighted 0), for the
+same wall-clock through the same loop.  It is nnU-Net's *network* in our loop, not nnU-Net: batch
+2 instead of 9, our augmentation, AdamW + cosine instead of SGD + poly, and minutes instead of
+250,000 iterations.  Install it without its dependencies (it pins ``timm<1.0.23``; the network
+does not use timm): ``pip install --no-deps dynamic_network_architectures==0.4.4``.
 """
 from __future__ import annotations
 
@@ -51,6 +61,43 @@ class MonaiUNet(nn.Module):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         ce, dice = masked_cross_entropy(logits, labels), soft_dice_loss(logits, labels)
+        return {"coarse_ce": ce, "coarse_dice": dice, "total": ce + dice}
+
+
+class NnUNetPlainConvUNet(nn.Module):
+    """nnU-Net's 3d_fullres network for the hippocampus plan, behind our model interface."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int) -> None:
+        super().__init__()
+        from dynamic_network_architectures.architectures.unet import PlainConvUNet
+        conv = {2: nn.Conv2d, 3: nn.Conv3d}[spatial_dims]
+        norm = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}[spatial_dims]
+        self.net = PlainConvUNet(
+            in_channels, 4, (32, 64, 128, 256), conv, 3, (1, 2, 2, 2), (2, 2, 2, 2), num_classes,
+            (2, 2, 2), conv_bias=True, norm_op=norm, norm_op_kwargs={"eps": 1e-5, "affine": True},
+            nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=True)
+        raw = [0.5 ** i for i in range(3)]
+        raw[-1] = 0.0  # nnU-Net v2 leaves out the lowest resolution output
+        self.weights = [w / sum(raw) for w in raw]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.net.decoder.deep_supervision = False
+        return self.net(x)
+
+    def forward_train(self, x: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
+        self.net.decoder.deep_supervision = True
+        return self.net(x)  # full resolution first
+
+    def loss(self, outputs: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        from seg.ops import resize
+        ce = dice = outputs[0].new_zeros(())
+        for w, logits in zip(self.weights, outputs):
+            if w == 0:
+                continue
+            target = labels if logits.shape[2:] == labels.shape[1:] else resize(
+                labels.unsqueeze(1).float(), logits.shape[2:], mode="nearest")[:, 0].round().long()
+            ce = ce + w * masked_cross_entropy(logits, target)
+            dice = dice + w * soft_dice_loss(logits, target)
         return {"coarse_ce": ce, "coarse_dice": dice, "total": ce + dice}
 
 
@@ -114,6 +161,8 @@ def main() -> None:
     ap.add_argument("--ours-run", nargs="*", default=[],
                     help="finished default runs to reuse, one per --dims, in the same order")
     ap.add_argument("--set", nargs="*", default=[], help="overrides applied to both runs")
+    ap.add_argument("--nnunet-net", action="store_true",
+                    help="3D: also nnU-Net's PlainConvUNet (hippocampus 3d_fullres plan) for the same time")
     args = ap.parse_args()
     print("command: python " + " ".join(sys.argv), flush=True)
     factory = lambda c: MonaiUNet(c.data.spatial_dims, c.data.in_channels, c.data.num_classes)  # noqa: E731
@@ -126,13 +175,18 @@ def main() -> None:
         # (ours' loop time includes its final validation too).
         budget_s = ours["minutes"] * 60
         with time_driven_schedule(0.99 * budget_s):
-            unet = run("monai_unet", dims, args.set, factory, minutes=0.99 * ours["minutes"],
-                       iterations=10**7)
+            others = [run("monai_unet", dims, args.set, factory, minutes=0.99 * ours["minutes"],
+                          iterations=10**7)]
+        if args.nnunet_net and dims == 3:
+            nnunet = lambda c: NnUNetPlainConvUNet(3, c.data.in_channels, c.data.num_classes)  # noqa: E731
+            with time_driven_schedule(0.99 * budget_s):
+                others.append(run("nnunet_plainconvunet", dims, args.set, nnunet,
+                                  minutes=0.99 * ours["minutes"], iterations=10**7))
         print(f"\n{dims}D, validation slabs, same wall-clock budget ({ours['minutes']:.1f} min):")
         print("| model | iterations | minutes | " + " | ".join(f"Dice {n}" for n in names)
               + " | mean Dice | mean Boundary IoU |")
         print("|---|---|---|" + "---|" * (len(names) + 2))
-        for r in (ours, unet):
+        for r in (ours, *others):
             print(f"| {r['name']} | {r['iterations']} | {r['minutes']:.1f} | "
                   + " | ".join(f"{r[f'dice/{n}']:.4f}" for n in names)
                   + f" | {r['dice/mean']:.4f} | {r['boundary_iou/mean']:.4f} |", flush=True)
