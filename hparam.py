@@ -84,7 +84,7 @@ class TrainConfig:
     iterations: int | None = None                # optimisation steps; None: iterations_3d or iterations_2d by data.spatial_dims
     iterations_3d: int = 2700                    # default steps in 3D (hippocampus demo: ~14 min on a 2-core CPU, see README)
     iterations_2d: int = 3000                    # default steps in 2D (a 2D step costs about a third of a 3D one)
-    batch_size: int = 2                          # patches per step PER PROCESS (torchrun: global batch = N x this)
+    batch_size: int | str = "auto"               # patches per step PER PROCESS (torchrun: global batch = N x this); auto: as many as the patch budget holds, >= 2 (3D hippocampus 2, its 2D slices 14)
     lr: float = 2e-3                             # peak learning rate (AdamW)
     weight_decay: float = 0.05                   # AdamW weight decay
     warmup_iterations: int = 50                  # linear warm-up steps

@@ -152,9 +152,11 @@ def validate_config(cfg: Any) -> None:
         (_auto_or(m.pointrend.subdivision_num_points, lambda v: isinstance(v, int) and v > 0),
          "model.pointrend.subdivision_num_points must be 'auto' or > 0"),
         (d.in_channels >= 1, "data.in_channels must be >= 1"),
-        ((t.iterations is None or t.iterations > 0) and t.batch_size > 0
+        ((t.iterations is None or t.iterations > 0)
+         and _auto_or(t.batch_size, lambda v: isinstance(v, int) and v > 0)
          and t.iterations_2d > 0 and t.iterations_3d > 0,
-         "train.iterations (or None), iterations_2d, iterations_3d and batch_size must be > 0"),
+         "train.iterations (or None), iterations_2d and iterations_3d must be > 0, train.batch_size "
+         "'auto' or > 0"),
         (t.lr > 0, "train.lr must be > 0"),
         (t.schedule in ("cosine", "poly"), f"train.schedule must be cosine or poly, got {t.schedule!r}"),
         (0.0 <= t.val_overlap < 1.0, "train.val_overlap must be in [0, 1)"),

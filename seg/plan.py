@@ -47,6 +47,9 @@ TRAIN_POINT_SHARE, MIN_TRAIN_POINTS = 1 / 32, 256
 #: subdivision points per step as a share of the patch cells (the measured defaults: 3D 6,144 of
 #: 64x64x32, benchmarks/pointrend.py; 2D about 8,192 of 160x192)
 SUBDIVISION_SHARE = {3: 3 / 64, 2: 1 / 4}
+#: batch size: patches per step fill the patch budget (nnU-Net's rule), at least 2, and together
+#: cover at most 5 % of the training set's voxels (nnU-Net's cap)
+MIN_BATCH, MAX_BATCH_SHARE = 2, 0.05
 #: CT: integer intensities reaching this value (air is -1000 HU) are read as Hounsfield units
 CT_MIN_HU = -500.0
 
@@ -344,6 +347,16 @@ def plan_rotation_axes(spacing: Sequence[float]) -> tuple[int, ...]:
     return tuple(range(len(spacing)))
 
 
+def plan_batch_size(patch: Sequence[int], budget: int, dataset_voxels: float) -> int:
+    """Patches per step: as many as the patch budget holds (``budget // patch``; small 2D slices get
+    large batches, a budget-sized 3D patch gets the minimum), at least ``MIN_BATCH``, and no more
+    than cover ``MAX_BATCH_SHARE`` of the training set's voxels (in the network's dimensions:
+    slices count as voxels of their volume)."""
+    cells = math.prod(patch)
+    cap = int(dataset_voxels * MAX_BATCH_SHARE // cells)
+    return max(MIN_BATCH, min(budget // cells, cap))
+
+
 def plan_train_points(patch: Sequence[int]) -> int:
     """Training points per patch: ``TRAIN_POINT_SHARE`` of its cells (multiple of 64), >= 256."""
     return max(MIN_TRAIN_POINTS, int(round(math.prod(patch) * TRAIN_POINT_SHARE / 64)) * 64)
@@ -377,9 +390,9 @@ def level_strides(cfg: Any) -> list[tuple[int, ...]]:
     return [f.stride for f in as_feature_info(net.feature_info, d.spatial_dims)]
 
 
-PLANNED_FIELDS = ("data.target_spacing", "data.slice_axis", "data.patch_size", "data.normalization",
-                  "data.mirror_axes", "data.rotation_axes", "model.pointrend.train_num_points",
-                  "model.pointrend.subdivision_num_points")
+PLANNED_FIELDS = ("data.target_spacing", "data.slice_axis", "data.patch_size", "train.batch_size",
+                  "data.normalization", "data.mirror_axes", "data.rotation_axes",
+                  "model.pointrend.train_num_points", "model.pointrend.subdivision_num_points")
 
 
 def unresolved(cfg: Any) -> list[str]:
@@ -439,6 +452,11 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]]) ->
     patch = _pick(out, "data.patch_size", d.patch_size, patch,
                   f"median case {_fmt(net_median)} voxels at the target spacing, rounded up to the "
                   f"model's strides, within {budget:,} voxels")
+    dataset_voxels = fp["num_cases"] * math.prod(median)
+    _pick(out, "train.batch_size", cfg.train.batch_size,
+          plan_batch_size(patch, budget, dataset_voxels),
+          f"patches filling {budget:,} voxels, >= {MIN_BATCH}, <= {MAX_BATCH_SHARE:.0%} of the "
+          "training voxels")
     norms = [plan_normalization(ch, fp["nonzero_crop_ratio"]) for ch in fp["channels"]]
     norm = norms[0] if len(set(norms)) == 1 else norms
     _pick(out, "data.normalization", d.normalization, norm,

@@ -4,6 +4,7 @@ skull-on head, end to end through ``train_seg.py --plan-only``."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -111,6 +112,18 @@ def test_mirror_rotation_and_point_rules() -> None:
     assert P.plan_subdivision_points((40, 56), 256) == 576
 
 
+def test_batch_size_rule() -> None:
+    # budget // patch, at least 2, at most 5 % of the training voxels per step
+    assert P.plan_batch_size((40, 56, 40), 131_072, 1e7) == 2    # 1 fits: the minimum
+    assert P.plan_batch_size((64, 64, 32), 131_072, 1e9) == 2    # the budget-sized patch
+    assert P.plan_batch_size((40, 56), 32_768, 1e7) == 14        # 32,768 // 2,240
+    assert P.plan_batch_size((40, 56), 32_768, 20 * 2240) == 2   # a tiny set: 5 % caps it (0 -> 2)
+    assert P.plan_batch_size((40, 56), 32_768, 200 * 2240) == 10
+    for patch in [(40, 56), (160, 192), (17, 300)]:
+        b = P.plan_batch_size(patch, 32_768, 1e9)
+        assert b >= 2 and (b == 2 or b * math.prod(patch) <= 32_768)
+
+
 def test_ct_normalization_uses_training_statistics() -> None:
     stats = ({"mean": 40.0, "std": 100.0, "clip_low": -200.0, "clip_high": 300.0},)
     pp = Preprocessing("ct", intensity_stats=stats)
@@ -159,10 +172,11 @@ def test_plan_mni_slabs(tmp_path) -> None:
     assert plan["data.normalization"] == "zscore_nonzero"
     assert plan["data.rotation_axes"] == [0, 1, 2] and plan["data.mirror_axes"] == [0, 1, 2]
     assert plan["model.pointrend.train_num_points"] == 4096
+    assert plan["train.batch_size"] == 2
     plan2d, _ = plan_of(DEMO / "mni152", ["bg", "gm", "wm"], tmp_path / "2d",
                         "data.val_images_dir='imagesVal'", "data.spatial_dims=2")
     assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [160, 192]
-    assert plan2d["data.mirror_axes"] == [0, 1]
+    assert plan2d["data.mirror_axes"] == [0, 1] and plan2d["train.batch_size"] == 2
 
 
 @pytest.mark.skipif(not (DEMO / "hippocampus").is_dir(), reason="hippocampus demo not built")
@@ -171,9 +185,11 @@ def test_plan_hippocampus(tmp_path) -> None:
     assert plan["data.target_spacing"] == [1.0, 1.0, 1.0]
     assert plan["data.patch_size"] == [40, 56, 40]  # nnU-Net's 3d_fullres patch for this task
     assert plan["data.normalization"] == "zscore"   # cropped MRI, no zero background
+    assert plan["train.batch_size"] == 2
     plan2d, _ = plan_of(DEMO / "hippocampus", ["bg", "anterior", "posterior"], tmp_path / "2d",
                         "data.spatial_dims=2")
     assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [40, 56]
+    assert plan2d["train.batch_size"] == 14  # 32,768 // 2,240
 
 
 def test_plan_pyradiomics_mr_anisotropic(tmp_path) -> None:

@@ -71,7 +71,9 @@ def test_overrides_parse_types_and_suggest() -> None:
     with pytest.raises(ConfigError, match="Did you mean 'iterations'"):
         apply_overrides(Config(), ["train.iteration=5"])
     with pytest.raises(ConfigError, match="expected int"):
-        apply_overrides(Config(), ["train.batch_size=many"])
+        apply_overrides(Config(), ["train.val_every=many"])
+    with pytest.raises(ConfigError, match="batch_size 'auto' or > 0"):
+        apply_overrides(Config(), ["train.batch_size=many"]).validate()
     with pytest.raises(ConfigError, match="cannot use 'many'"):
         apply_overrides(Config(), ["train.iterations=many"])
     with pytest.raises(ConfigError, match="unknown backbone"):
