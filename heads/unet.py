@@ -18,9 +18,11 @@ the backbone lacks:
   has a stride-1 step to render; 1 gives full-resolution logits and leaves the point head only
   its training loss).
 
-Deep supervision (nnU-Net's; default 2): with ``deep_supervision=k`` the head also returns logits of the
-``k`` next coarser decoder stages during training (``forward`` -> (logits, [aux, ...]) when
-``self.training``); ``SegmentationModel.loss`` weights them 1/2, 1/4, ... of the main loss.
+Deep supervision (nnU-Net's; default 2): with ``deep_supervision=k`` the head also returns logits
+of the ``k`` next coarser decoder stages during training (``forward`` -> (logits, [aux, ...]) when
+``self.training``); ``SegmentationModel.loss`` weights main and auxiliary terms 1, 1/2, 1/4, ...
+normalised to sum 1 (``deep_supervision_weights``), each auxiliary term against the labels
+nearest-resampled to its grid.
 """
 from __future__ import annotations
 
