@@ -28,7 +28,7 @@ from seg.preprocess import normalize, resample, target_grid
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha")
+OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha", "seg.nrrd")
 _CHUNK = 16  # spatial slices per chunk in argmax/softmax over large volumes
 
 
@@ -158,7 +158,8 @@ class Predictor:
         values = self.label_values
         if values != tuple(range(self.num_classes)):  # class indices -> the training files' values
             labels = np.asarray(values)[labels]
-        return io.write_label(out_path, labels, meta, num_classes=max(values) + 1)
+        segments = list(zip(self.bundle.class_names[1:], values[1:]))
+        return io.write_label(out_path, labels, meta, num_classes=max(values) + 1, segments=segments)
 
 
 def _labels_and_probabilities(logits: torch.Tensor, with_probs: bool

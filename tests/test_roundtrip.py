@@ -68,3 +68,44 @@ def test_labels_evaluation_uses_the_same_mapping(trained_checkpoint, tmp_path, m
             expected = _dice(pred == value, ref == value)
             assert 0.3 < expected < 1.0  # a real, imperfect overlap: not a prediction against itself
             assert float(row["dice"]) == pytest.approx(expected, abs=1e-6)
+
+
+def test_seg_nrrd_opens_as_named_segments_in_slicerio(trained_checkpoint, tmp_path, monkeypatch) -> None:
+    """``--format seg.nrrd``: 3D Slicer's segmentation file, read back with ``slicerio`` (Slicer's
+    own reader library): one segment per class with its name and the training files' label value
+    (4, not the class index 2), extents that bound the voxels, voxels equal to the plain output's,
+    and the geometry of the input (ijkToLPS against SimpleITK's index-to-physical transform)."""
+    slicerio = pytest.importorskip("slicerio")
+    data, ckpt = trained_checkpoint
+    _threshold_predictor(monkeypatch)
+    image = sorted((data / "images").iterdir())[0]
+    plain, slicer = tmp_path / "plain", tmp_path / "slicer"
+    assert infer_seg.main(["-i", str(image), "-o", str(plain), "-m", str(ckpt)]) == 0
+    assert infer_seg.main(["-i", str(image), "-o", str(slicer), "-m", str(ckpt),
+                           "--format", "seg.nrrd"]) == 0
+    name = image.name.split(".")[0]
+    seg = slicerio.read_segmentation(str(slicer / f"{name}.seg.nrrd"))
+    assert [(s["name"], s["labelValue"], s["layer"]) for s in seg["segments"]] == \
+        [("outer", 1, 0), ("inner", 4, 0)]
+    ref = sitk.ReadImage(str(plain / image.name))
+    ref_xyz = sitk.GetArrayFromImage(ref).transpose(2, 1, 0)  # slicerio's voxels are (i, j, k)
+    np.testing.assert_array_equal(seg["voxels"], ref_xyz)
+    for s in seg["segments"]:
+        idx = np.argwhere(ref_xyz == s["labelValue"])
+        assert s["extent"] == [int(v) for lo, hi in zip(idx.min(0), idx.max(0)) for v in (lo, hi)]
+    src = sitk.ReadImage(str(image))
+    for ijk in [(0, 0, 0), (3, 1, 2), tuple(n - 1 for n in src.GetSize())]:
+        lps = seg["ijkToLPS"] @ np.array([*ijk, 1.0])
+        np.testing.assert_allclose(lps[:3], src.TransformIndexToPhysicalPoint(ijk), atol=1e-4)
+
+
+def test_seg_nrrd_of_a_2d_image_is_a_one_line_error(tmp_path) -> None:
+    from seg import io
+    from seg.errors import UserError
+
+    img = sitk.Image(6, 5, sitk.sitkUInt8)
+    sitk.WriteImage(img, str(tmp_path / "a.nrrd"))
+    _, meta = io.read_image(tmp_path / "a.nrrd")
+    with pytest.raises(UserError, match="3D label map"):
+        io.write_label(tmp_path / "a.seg.nrrd", np.zeros((6, 5), np.uint8), meta, 2, segments=[("x", 1)])
+    assert not list(tmp_path.glob("*.seg.nrrd"))
