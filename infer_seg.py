@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weighting of overlapping windows")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write OUT/probabilities/<case> (float32, one channel per class)")
-    p.add_argument("--format", default="same", choices=("same", "nii.gz", "nii", "nrrd", "mha", "seg.nrrd"),
+    from seg.predict import OUTPUT_FORMATS
+
+    p.add_argument("--format", default="same", choices=OUTPUT_FORMATS,
                    help="output format ('same' = the input's; 'seg.nrrd': 3D Slicer's segmentation file, named segments)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=4, help="windows per network call")

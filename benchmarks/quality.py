@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from seg.config import apply_overrides, load_config  # noqa: E402
-from seg.losses import masked_cross_entropy, soft_dice_loss  # noqa: E402
+from seg.losses import ce_dice_losses, masked_cross_entropy, soft_dice_loss  # noqa: E402
 from seg.train import train  # noqa: E402
 
 
@@ -89,15 +89,7 @@ class NnUNetPlainConvUNet(nn.Module):
         return self.net(x)  # full resolution first
 
     def loss(self, outputs: list[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        from seg.ops import resize
-        ce = dice = outputs[0].new_zeros(())
-        for w, logits in zip(self.weights, outputs):
-            if w == 0:
-                continue
-            target = labels if logits.shape[2:] == labels.shape[1:] else resize(
-                labels.unsqueeze(1).float(), logits.shape[2:], mode="nearest")[:, 0].round().long()
-            ce = ce + w * masked_cross_entropy(logits, target)
-            dice = dice + w * soft_dice_loss(logits, target)
+        ce, dice = ce_dice_losses(outputs, labels, self.weights)
         return {"coarse_ce": ce, "coarse_dice": dice, "total": ce + dice}
 
 

@@ -21,12 +21,11 @@ the backbone lacks:
 Deep supervision (nnU-Net's; default 2): with ``deep_supervision=k`` the head also returns logits
 of the ``k`` next coarser decoder stages during training (``forward`` -> (logits, [aux, ...]) when
 ``self.training``); ``SegmentationModel.loss`` weights main and auxiliary terms 1, 1/2, 1/4, ...
-normalised to sum 1 (``deep_supervision_weights``), each auxiliary term against the labels
+normalised to sum 1 (``seg.losses.ce_dice_losses``), each auxiliary term against the labels
 nearest-resampled to its grid.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -158,8 +157,3 @@ class UNetHead(nn.Module):
         aux = [clf(outs[-2 - j]) for j, clf in enumerate(self.classifiers[1:])]
         return logits, aux
 
-
-def deep_supervision_weights(count: int) -> list[float]:
-    """Weights of the main and ``count`` auxiliary losses: 1, 1/2, 1/4, ... normalised to sum 1."""
-    raw = [0.5 ** i for i in range(count + 1)]
-    return [w / math.fsum(raw) for w in raw]

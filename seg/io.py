@@ -366,7 +366,8 @@ def slicer_segment_fields(labels: np.ndarray, segments: Sequence[tuple[str, int]
               "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
               "Segmentation_ReferenceImageExtentOffset": " ".join("0" for _ in labels.shape)}
     for i, (name, value) in enumerate(segments):
-        where = [np.flatnonzero(np.any(labels == value, axis=tuple(b for b in range(labels.ndim) if b != a)))
+        mask = labels == value
+        where = [np.flatnonzero(mask.any(axis=tuple(b for b in range(labels.ndim) if b != a)))
                  for a in range(labels.ndim)]
         extent = " ".join(f"{w[0]} {w[-1]}" if w.size else "0 -1" for w in where)
         colour = SEGMENT_COLOURS[i % len(SEGMENT_COLOURS)]

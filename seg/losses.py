@@ -1,9 +1,13 @@
 """Segmentation losses with an ignore label, finite when every target is ignored."""
 from __future__ import annotations
 
+import math
+from typing import Sequence
+
 import torch
 import torch.nn.functional as F
 
+from seg.ops import resize
 from seg.pointrend import IGNORE_INDEX
 
 
@@ -45,3 +49,42 @@ def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
     denominator = probs.sum(dims) + onehot.sum(dims)
     dice = (2 * intersection + smooth) / (denominator + smooth)
     return 1 - dice.mean()
+
+
+def deep_supervision_weights(count: int) -> list[float]:
+    """nnU-Net's weights of the main and ``count`` auxiliary outputs: 1, 1/2, 1/4, ... normalised
+    to sum 1."""
+    raw = [0.5 ** i for i in range(count + 1)]
+    return [w / math.fsum(raw) for w in raw]
+
+
+def ce_dice_losses(outputs: Sequence[torch.Tensor], labels: torch.Tensor,
+                   weights: Sequence[float] | None = None, ignore_index: int = IGNORE_INDEX
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted cross-entropy and soft Dice over a main output and deep-supervision outputs.
+
+    The main output (first) is upsampled (bi/trilinear) to the label size; each further output is
+    compared with the labels nearest-resampled to its own grid, as nnU-Net does.  Outputs with
+    weight 0 are skipped.
+
+    Args:
+        outputs: logits (N, K, *S_i), the main one first.
+        labels: (N, *S) int64, ``ignore_index`` ignored.
+        weights: one per output; default ``deep_supervision_weights(len(outputs) - 1)``.
+
+    Returns:
+        (cross-entropy, Dice loss), each the weighted sum.
+    """
+    weights = deep_supervision_weights(len(outputs) - 1) if weights is None else list(weights)
+    ce = dice = outputs[0].new_zeros(())
+    for i, (w, logits) in enumerate(zip(weights, outputs)):
+        if w == 0:
+            continue
+        if i == 0:
+            logits, target = resize(logits, labels.shape[1:], mode="linear"), labels
+        else:
+            target = resize(labels.unsqueeze(1).float(), logits.shape[2:], mode="nearest")
+            target = target[:, 0].round().long()
+        ce = ce + w * masked_cross_entropy(logits, target, ignore_index)
+        dice = dice + w * soft_dice_loss(logits, target, ignore_index)
+    return ce, dice

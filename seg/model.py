@@ -16,11 +16,10 @@ import torch
 import torch.nn as nn
 
 from heads import HEADS, StandardPointHead, as_feature_info, build_head, nearest_level
-from heads.unet import deep_supervision_weights
 from seg import ops
 from seg import pointrend as pr
 from seg.errors import ConfigError
-from seg.losses import masked_cross_entropy, soft_dice_loss
+from seg.losses import ce_dice_losses, masked_cross_entropy
 from seg.ops import check_spatial_dims, resize
 from seg.registry import unknown_name_message
 
@@ -231,23 +230,16 @@ class SegmentationModel(nn.Module):
         """Losses: 'coarse_ce' + 'coarse_dice' on the coarse logits upsampled to the label size,
         'point' cross-entropy on the point logits (0 without PointRend), and their sum 'total'.
         With deep supervision the coarse terms are nnU-Net's weighted sum over the main and the
-        auxiliary logits (weights 1, 1/2, 1/4, ... normalised, ``heads.unet``), each auxiliary
+        auxiliary logits (weights 1, 1/2, 1/4, ... normalised, ``seg.losses.ce_dice_losses``), each auxiliary
         term against the labels nearest-resampled to its grid, as nnU-Net does.
 
         Args:
             out: ``forward_train`` result.
             labels: (N, *S) int64, 255 = ignore.
         """
-        weights = deep_supervision_weights(len(out.aux_logits))
-        coarse = resize(out.coarse_logits, labels.shape[1:], mode="linear")
-        ce = weights[0] * masked_cross_entropy(coarse, labels, self.ignore_index)
-        dice = weights[0] * soft_dice_loss(coarse, labels, self.ignore_index)
-        for w, logits in zip(weights[1:], out.aux_logits):  # on the aux grid, as nnU-Net
-            target = resize(labels.unsqueeze(1).float(), logits.shape[2:], mode="nearest")
-            target = target[:, 0].round().long()
-            ce = ce + w * masked_cross_entropy(logits, target, self.ignore_index)
-            dice = dice + w * soft_dice_loss(logits, target, self.ignore_index)
-        point = coarse.new_zeros(()) if out.point_logits is None else \
+        ce, dice = ce_dice_losses([out.coarse_logits, *out.aux_logits], labels,
+                                  ignore_index=self.ignore_index)
+        point = ce.new_zeros(()) if out.point_logits is None else \
             masked_cross_entropy(out.point_logits, out.point_labels, self.ignore_index)
         return {"coarse_ce": ce, "coarse_dice": dice, "point": point, "total": ce + dice + point}
 

@@ -11,11 +11,10 @@ import torch.nn as nn
 
 from heads import FeatureInfo, StandardPointHead, build_head, list_heads
 from heads.deeplab import default_atrous_rates
-from heads.unet import deep_supervision_weights
 from seg import ops
 from seg import pointrend as pr
 from seg.errors import ConfigError
-from seg.losses import masked_cross_entropy, soft_dice_loss
+from seg.losses import deep_supervision_weights, masked_cross_entropy, soft_dice_loss
 from seg.model import SegmentationModel, TrainOutput, assemble_model, build_model
 
 from conftest import point_options
