@@ -25,10 +25,14 @@ class DataConfig:
     split_file: str | None = "splits_final.json"  # nnU-Net-style folds under root ([{"train": [...], "val": [...]}, ...]), used when there are no validation folders
     fold: int = 0                                # the fold of split_file to train
     val_fraction: float = 0.2                    # fraction of cases held out when neither validation folders nor split_file exist
-    pattern: str = "*"                           # glob of image file names (.nii.gz .nii .nrrd .nhdr .mha .mhd .png)
-    class_names: list[str] = field(default_factory=lambda: ["background", "anterior", "posterior"])
-    label_remap: dict[int, int] | None = None    # explicit opt-in remap of label values, e.g. {255: 1}
-    in_channels: int = 1                         # image channels
+    # ---- described by the data (seg/dataset_json.py): nnU-Net's dataset.json under root when there
+    # ---- is one, else the label values and channels found; an explicit value must agree with dataset.json
+    dataset_json: str | None = "auto"            # auto: root/dataset.json if it exists; a path (relative to root); None: ignore it
+    pattern: str = "*"                           # glob of image file names (.nii.gz .nii .nrrd .nhdr .mha .mhd .png); *: dataset.json's file_ending
+    class_names: list[str] | str = "auto"        # background first; auto: dataset.json's labels in value order, else background + label_<value> per value found
+    label_remap: dict[int, int] | None = None    # {file value: class index}, e.g. {255: 1}; None: from dataset.json / the values found (gaps closed)
+    in_channels: int | str = "auto"              # image channels; auto: dataset.json's channel_names, else the first case's
+    channel_names: list[str] | None = None       # set from dataset.json: a channel named CT plans CT normalisation, noNorm none (nnU-Net)
     # ---- planned from the data (seg/plan.py): "auto" = the rule's value, printed at start and
     # ---- written to RUN/plan.json; any explicit value overrides it (README: "The plan")
     target_spacing: tuple[float, ...] | None | str = "auto"  # mm per axis; auto: median (thick axis of anisotropic data kept thick); None: native grids
@@ -50,6 +54,8 @@ class DataConfig:
 
     @property
     def num_classes(self) -> int:
+        if isinstance(self.class_names, str):
+            raise ValueError("data.class_names is 'auto': describe the data first (seg.dataset_json)")
         return len(self.class_names)
 
 

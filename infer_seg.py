@@ -29,7 +29,8 @@ log = logging.getLogger("infer_seg")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--input", required=True, nargs="+", help="image file(s) or a folder of images")
+    p.add_argument("-i", "--input", required=True, nargs="+",
+                   help="image file(s), a folder of images, or an nnU-Net dataset folder (its imagesTs/)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("-m", "--model", required=True, help="checkpoint file (.pt) from train_seg.py")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
@@ -94,7 +95,9 @@ def _evaluate(args: argparse.Namespace, cases: list[str], class_names: list[str]
         return
     from seg.evaluate import evaluate_folders
 
-    inputs = [Path(p) for p in args.input]
+    from seg.predict import dataset_inputs
+
+    inputs = dataset_inputs(args.input)[0]  # an nnU-Net dataset folder: its imagesTs/
     image_dir = inputs[0] if len(inputs) == 1 and inputs[0].is_dir() else None
     out = Path(args.output) / "evaluation"
     evaluate_folders(args.output, args.labels, out, image_dir=image_dir, class_names=class_names[1:],

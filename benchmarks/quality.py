@@ -41,7 +41,7 @@ import torch.nn as nn  # noqa: E402
 
 from seg.config import apply_overrides, load_config  # noqa: E402
 from seg.losses import ce_dice_losses, masked_cross_entropy, soft_dice_loss  # noqa: E402
-from seg.train import train  # noqa: E402
+from seg.train import described_config, train  # noqa: E402
 
 
 class MonaiUNet(nn.Module):
@@ -158,7 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     print("command: python " + " ".join(sys.argv), flush=True)
     factory = lambda c: MonaiUNet(c.data.spatial_dims, c.data.in_channels, c.data.num_classes)  # noqa: E731
-    names = load_config().data.class_names[1:]
+    names = described_config(apply_overrides(load_config(), args.set)).data.class_names[1:]
     for i, dims in enumerate(args.dims):
         ours = from_run(Path(args.ours_run[i]), dims) if i < len(args.ours_run) else \
             run("ours", dims, args.set)

@@ -51,6 +51,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             except (TypeError, ValueError):
                 continue
         raise ValueError(f"{key}: cannot use {value!r} as {annotation}")
+    if origin in (tuple, list) and not isinstance(value, (tuple, list)):
+        raise ValueError(f"{key}: expected a {origin.__name__}, got {value!r}")
     if origin is tuple:
         return tuple(_coerce(v, args[0] if args else Any, key) for v in value)
     if origin is list:
@@ -125,8 +127,12 @@ def validate_config(cfg: Any) -> None:
     d, m, t = cfg.data, cfg.model, cfg.train
     checks = [
         (d.spatial_dims in (2, 3), f"data.spatial_dims must be 2 or 3, got {d.spatial_dims!r}"),
-        (len(d.class_names) >= 2, "data.class_names needs at least 2 names (background first)"),
-        (len(set(d.class_names)) == len(d.class_names), "data.class_names has duplicates"),
+        (_auto_or(d.class_names, lambda v: isinstance(v, (list, tuple)) and len(v) >= 2),
+         "data.class_names must be 'auto' or at least 2 names (background first)"),
+        (_auto_or(d.class_names, lambda v: len(set(v)) == len(v)), "data.class_names has duplicates"),
+        (d.channel_names is None or _auto_or(d.in_channels, lambda v: len(d.channel_names) == v),
+         f"data.channel_names {d.channel_names!r} must name data.in_channels={d.in_channels!r} channel(s)"),
+        (d.dataset_json is None or isinstance(d.dataset_json, str), "data.dataset_json must be 'auto', a path or None"),
         (_auto_or(d.patch_size, lambda v: isinstance(v, (tuple, list)) and len(v) == d.spatial_dims
                   and all(isinstance(p, int) and p > 0 for p in v)),
          f"data.patch_size must be 'auto' or {d.spatial_dims} positive sizes, got {d.patch_size!r}"),
@@ -138,7 +144,7 @@ def validate_config(cfg: Any) -> None:
         (0.0 < d.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
         (isinstance(d.fold, int) and d.fold >= 0, f"data.fold must be an integer >= 0, got {d.fold!r}"),
         (_auto_or(d.normalization, lambda v: all(n in NORMALIZATIONS for n in ([v] if isinstance(v, str) else v))
-                  and (isinstance(v, str) or len(v) == d.in_channels)),
+                  and (isinstance(v, str) or _auto_or(d.in_channels, lambda c: len(v) == c))),
          f"data.normalization must be 'auto', one of {', '.join(NORMALIZATIONS)} or one per channel, "
          f"got {d.normalization!r}"),
         (_auto_or(d.target_spacing, lambda v: v is None or (len(v) in (2, 3) and all(s > 0 for s in v))),
@@ -151,7 +157,8 @@ def validate_config(cfg: Any) -> None:
          "model.pointrend.train_num_points must be 'auto' or > 0"),
         (_auto_or(m.pointrend.subdivision_num_points, lambda v: isinstance(v, int) and v > 0),
          "model.pointrend.subdivision_num_points must be 'auto' or > 0"),
-        (d.in_channels >= 1, "data.in_channels must be >= 1"),
+        (_auto_or(d.in_channels, lambda v: isinstance(v, int) and v >= 1),
+         f"data.in_channels must be 'auto' or >= 1, got {d.in_channels!r}"),
         ((t.iterations is None or t.iterations > 0)
          and _auto_or(t.batch_size, lambda v: isinstance(v, int) and v > 0)
          and t.iterations_2d > 0 and t.iterations_3d > 0,

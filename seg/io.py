@@ -205,6 +205,21 @@ def label_files(folder: str | os.PathLike) -> dict[str, Path]:
 
 
 # ----------------------------------------------------------------------------- reading
+def channel_count(case: Case) -> int:
+    """Channels of a case from its headers (no voxels read): files x components per pixel.
+
+    Raises:
+        DataError: a file that cannot be read.
+    """
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(case.image))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as e:
+        raise DataError(f"cannot read image ({_first_line(e)})", case.image) from None
+    return len(case.images) * int(reader.GetNumberOfComponents())
+
+
 def read_image(path: str | os.PathLike, verify: bool = True) -> tuple[np.ndarray, ImageMeta]:
     """Read an image file as a channels-first array in torchio voxel order.
 

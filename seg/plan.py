@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from seg.dataset_json import channel_normalization
+
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
@@ -457,10 +459,11 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]]) ->
           plan_batch_size(patch, budget, dataset_voxels),
           f"patches filling {budget:,} voxels, >= {MIN_BATCH}, <= {MAX_BATCH_SHARE:.0%} of the "
           "training voxels")
-    norms = [plan_normalization(ch, fp["nonzero_crop_ratio"]) for ch in fp["channels"]]
+    named = channel_normalization(getattr(d, "channel_names", None)) or [None] * len(fp["channels"])
+    norms = [n or plan_normalization(ch, fp["nonzero_crop_ratio"]) for n, ch in zip(named, fp["channels"])]
     norm = norms[0] if len(set(norms)) == 1 else norms
     _pick(out, "data.normalization", d.normalization, norm,
-          _normalization_why(fp, norms))
+          _normalization_why(fp, norms, named, getattr(d, "channel_names", None)))
     _pick(out, "data.mirror_axes", d.mirror_axes, plan_mirror_axes(d.spatial_dims),
           "all axes (restrict for left/right label pairs)")
     rotation = plan_rotation_axes(grid_spacing) if d.spatial_dims == 3 else (slice_axis,)
@@ -475,7 +478,10 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]]) ->
     return out
 
 
-def _normalization_why(fp: dict[str, Any], norms: list[str]) -> str:
+def _normalization_why(fp: dict[str, Any], norms: list[str], named: Sequence[str | None] = (),
+                       channel_names: Sequence[str] | None = None) -> str:
+    if named and named[0] is not None:
+        return f"channel named {channel_names[0]!r} in dataset.json (nnU-Net's scheme for that name)"
     ch = fp["channels"][0]
     if norms[0] == "ct":
         return f"integer intensities down to {ch['min']:.0f} (Hounsfield units): clip to foreground 0.5-99.5 %"

@@ -222,15 +222,46 @@ def check_outputs(cases: Sequence[io.Case], out_dir: str | os.PathLike, suffix: 
             owners[key] = case.image
 
 
+def dataset_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[Path], str]:
+    """Inputs with nnU-Net dataset folders resolved, and the file pattern.
+
+    A folder holding a ``dataset.json`` stands for its ``imagesTs/``; the images of ``imagesTs/``
+    (or ``imagesTr/``) of such a folder are its ``file_ending`` files.  Other inputs are kept, with
+    pattern '*'.
+
+    Raises:
+        DataError: a bad ``dataset.json``, a dataset folder without ``imagesTs/``, or inputs from
+            datasets with different file endings.
+    """
+    from seg.dataset_json import read_dataset_json
+
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    out, patterns = [], set()
+    for item in map(Path, items):
+        if item.is_dir() and (item / "dataset.json").is_file():
+            patterns.add(read_dataset_json(item / "dataset.json").pattern)
+            if not (item / "imagesTs").is_dir():
+                raise DataError("is an nnU-Net dataset folder (dataset.json) without imagesTs/: pass the "
+                                "folder of the images to segment", item)
+            item = item / "imagesTs"
+        elif item.is_dir() and item.name in ("imagesTs", "imagesTr") and (item.parent / "dataset.json").is_file():
+            patterns.add(read_dataset_json(item.parent / "dataset.json").pattern)
+        out.append(item)
+    if len(patterns) > 1:
+        raise DataError(f"inputs from nnU-Net datasets with different file endings ({', '.join(sorted(patterns))}): "
+                        "segment them in separate runs", items[0])
+    return out, (patterns.pop() if patterns else "*")
+
+
 def checked_cases(inputs: str | os.PathLike | Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                   suffix: str = "", fmt: str = "same", save_probabilities: bool = False
                   ) -> list[io.Case]:
-    """``seg.io.image_cases(inputs)`` once ``check_outputs`` has found no collision (UserError
-    otherwise)."""
-    cases = io.image_cases(inputs)
-    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    """The cases of ``inputs`` (``dataset_inputs``, then ``seg.io.image_cases``) once
+    ``check_outputs`` has found no collision (UserError otherwise)."""
+    items, pattern = dataset_inputs(inputs)
+    cases = io.image_cases(items, pattern)
     check_outputs(cases, out_dir, suffix, fmt, save_probabilities,
-                  input_dirs=[Path(p) for p in items if Path(p).is_dir()])
+                  input_dirs=[p for p in items if p.is_dir()])
     return cases
 
 

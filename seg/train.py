@@ -132,18 +132,41 @@ class DataBundle:
     val_index: list[int] | None = None  # their positions in val_cases (None: all, in order)
 
 
-def find_data(cfg: Any) -> tuple[list, list]:
-    """Find, pair, check and split the cases: (training cases, validation cases)."""
+def _paired_cases(cfg: Any) -> tuple[list, list | None]:
+    """(cases of the training folders, cases of the validation folders or None when there are none)."""
     import datasets as ds
 
     d = cfg.data
     cases = ds.find_cases(resolve_data_path(cfg, d.images_dir), resolve_data_path(cfg, d.labels_dir),
                           pattern=d.pattern)
     val_img = resolve_data_path(cfg, d.val_images_dir)
-    split = resolve_data_path(cfg, "root", d.split_file)
     if val_img is not None and val_img.exists():
-        train_cases = cases
-        val_cases = ds.find_cases(val_img, resolve_data_path(cfg, d.val_labels_dir), pattern=d.pattern)
+        return cases, ds.find_cases(val_img, resolve_data_path(cfg, d.val_labels_dir), pattern=d.pattern)
+    return cases, None
+
+
+def described_config(cfg: Any, progress: bool = False) -> Any:
+    """A copy of ``cfg`` with the fields the data describe resolved (``seg.dataset_json``:
+    class names, label values, channels, file pattern from ``dataset.json``, else from the data)."""
+    from seg.dataset_json import describe_data
+
+    def all_cases(described: Any) -> list:
+        train_cases, val_cases = _paired_cases(described)
+        return train_cases + (val_cases or [])
+
+    return describe_data(cfg, resolve_data_path(cfg, "root"), all_cases, progress=progress)
+
+
+def find_data(cfg: Any) -> tuple[list, list]:
+    """Find, pair, check and split the cases: (training cases, validation cases); ``cfg`` described
+    (``described_config``)."""
+    import datasets as ds
+
+    d = cfg.data
+    cases, val = _paired_cases(cfg)
+    split = resolve_data_path(cfg, "root", d.split_file)
+    if val is not None:
+        train_cases, val_cases = cases, val
     elif split is not None and split.is_file():
         train_cases, val_cases = ds.split_from_file(cases, split, d.fold)
     else:
@@ -182,7 +205,7 @@ def planned_config(cfg: Any, out_dir: str | Path | None = None, progress: bool =
                    ) -> tuple[Any, tuple[list, list]]:
     """``cfg`` with its plan resolved, and its (training, validation) cases: what ``train`` does
     before the first step (benchmarks and tests use it to get the same settings)."""
-    cfg = with_iterations(cfg.validate())
+    cfg = described_config(with_iterations(cfg.validate()), progress)
     cases = find_data(cfg)
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
@@ -412,7 +435,7 @@ def train(cfg: Any, resume: str | None = None, progress: bool = True, model_fact
         unsafe_load: admit ``resume`` and ``model.pretrained`` files that need full unpickling
             (it runs code stored in the file: trusted files only).
     """
-    cfg = with_iterations(cfg.validate())
+    cfg = described_config(with_iterations(cfg.validate()), progress)
     t = cfg.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)

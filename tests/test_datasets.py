@@ -54,7 +54,7 @@ def make_case(folder: Path, name: str, ext: str = ".nii.gz", label: np.ndarray |
 
 
 def data_cfg(dims: int = 3, **kw) -> DataConfig:
-    base = dict(spatial_dims=dims, class_names=["bg", "outer", "inner"],
+    base = dict(spatial_dims=dims, class_names=["bg", "outer", "inner"], in_channels=1,
                 patch_size=(16, 20, 12) if dims == 3 else (24, 20), samples_per_volume=2, queue_length=4,
                 normalization="zscore", target_spacing=None, slice_axis=2,
                 mirror_axes=tuple(range(dims)), rotation_axes=(0, 1, 2), augment_elastic=False)

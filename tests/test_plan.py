@@ -181,12 +181,14 @@ def test_plan_mni_slabs(tmp_path) -> None:
 
 @pytest.mark.skipif(not (DEMO / "hippocampus").is_dir(), reason="hippocampus demo not built")
 def test_plan_hippocampus(tmp_path) -> None:
-    plan, _ = plan_of(DEMO / "hippocampus", ["bg", "anterior", "posterior"], tmp_path)
+    plan, cfg = plan_of(DEMO / "hippocampus", "auto", tmp_path)  # classes from its dataset.json
+    assert cfg.data.class_names == ["background", "anterior", "posterior"] and cfg.data.label_remap is None
+    assert cfg.data.in_channels == 1 and cfg.data.channel_names == ["MRI"] and cfg.data.pattern == "*.nii.gz"
     assert plan["data.target_spacing"] == [1.0, 1.0, 1.0]
     assert plan["data.patch_size"] == [40, 56, 40]  # nnU-Net's 3d_fullres patch for this task
     assert plan["data.normalization"] == "zscore"   # cropped MRI, no zero background
     assert plan["train.batch_size"] == 2
-    plan2d, _ = plan_of(DEMO / "hippocampus", ["bg", "anterior", "posterior"], tmp_path / "2d",
+    plan2d, _ = plan_of(DEMO / "hippocampus", "auto", tmp_path / "2d",
                         "data.spatial_dims=2")
     assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [40, 56]
     assert plan2d["train.batch_size"] == 14  # 32,768 // 2,240

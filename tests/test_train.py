@@ -277,9 +277,10 @@ def test_bad_input_one_line_error(tmp_path: Path, problem: str) -> None:
             culprit = bad_lab
         sitk.WriteImage(lab, str(bad_lab))
     out = tmp_path / "run"
+    # explicit class names: with 'auto' the classes are the values found (tests/test_dataset_json.py)
     proc = run_cli("--set", f"data.root='{ds}'", "data.images_dir=images", "data.labels_dir=labels",
                    "data.val_images_dir=None", "data.val_labels_dir=None", "train.iterations=1",
-                   f"train.output_dir='{out}'")
+                   "data.class_names=['bg','outer','inner']", f"train.output_dir='{out}'")
     assert proc.returncode == 2, proc.stderr
     lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(lines) == 1, proc.stderr

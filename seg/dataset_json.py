@@ -1,0 +1,298 @@
+"""What the data say about themselves: nnU-Net's ``dataset.json``, else the label values and channels.
+
+A training run needs the class names, the label value of each class, the number of image channels
+and the file pattern.  ``describe_data`` resolves the fields of ``hparam.DataConfig`` that say
+``'auto'`` (and checks the ones that do not) from, in this order:
+
+1. **nnU-Net's ``dataset.json``** (``data.dataset_json``: ``'auto'`` reads ``ROOT/dataset.json``
+   when it exists, a path reads that file, None ignores it).  ``labels`` (name -> value, in any
+   order, with gaps) gives the class names in value order and the label values
+   (``{"background": 0, "b": 3, "a": 1}`` -> classes background, a, b with values 0, 1, 3, i.e.
+   ``data.label_remap={3: 2}``; outputs are written back in 0, 1, 3); ``channel_names`` the number
+   of channels and their names (a channel named ``CT`` plans CT normalisation, ``noNorm`` none,
+   ``zscore`` z-scoring, as nnU-Net does); ``file_ending`` the file pattern (``*.nii.gz``).
+   A value set in ``hparam.py`` or ``--set`` that disagrees with the file is a one-line
+   ``ConfigError`` naming both (set ``data.dataset_json=None`` to ignore the file).
+2. **The data themselves**, without a ``dataset.json``: the class names are ``background`` and
+   ``label_<value>`` for every other value found in the label maps (0/255 masks train as two
+   classes and are written back as 0/255); the channel count is the first case's.
+
+``read_dataset_json`` refuses, in one line naming the file: unreadable JSON, missing keys, label
+values that are not distinct non-negative integers with background 0, region-based labels (lists of
+values) and nnU-Net's ``ignore`` label (not supported), channel keys that are not 0..C-1, a
+``file_ending`` we do not read.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from seg import io
+from seg.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+#: ``channel_names`` entries with a fixed normalisation (nnU-Net's names; anything else: the plan's rule)
+CHANNEL_NORMALIZATION = {"ct": "ct", "nonorm": "none", "zscore": "zscore"}
+#: more distinct values than this in the label maps is not a label map (a scan in the label folder)
+MAX_DISCOVERED_CLASSES = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetJson:
+    """The parts of an nnU-Net ``dataset.json`` training and inference use.
+
+    Attributes:
+        path: the file.
+        labels: (name, value) pairs sorted by value, background (0) first.
+        channel_names: one name per channel, in channel order.
+        file_ending: the image and label file extension, e.g. '.nii.gz'.
+        num_training: ``numTraining`` (None when absent).
+    """
+
+    path: Path
+    labels: tuple[tuple[str, int], ...]
+    channel_names: tuple[str, ...]
+    file_ending: str
+    num_training: int | None = None
+
+    @property
+    def class_names(self) -> list[str]:
+        return [name for name, _ in self.labels]
+
+    @property
+    def label_values(self) -> list[int]:
+        return [value for _, value in self.labels]
+
+    @property
+    def label_remap(self) -> dict[int, int] | None:
+        """{file value: class index} for the values that are not their own index (None: none)."""
+        return remap_for(self.label_values)
+
+    @property
+    def pattern(self) -> str:
+        return "*" + self.file_ending
+
+
+def remap_for(values: Sequence[int]) -> dict[int, int] | None:
+    """``data.label_remap`` taking sorted label ``values`` to the class indices 0..K-1 (None when
+    every value is its own index)."""
+    remap = {int(v): i for i, v in enumerate(values) if int(v) != i}
+    return remap or None
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ValueError(f"key {dup!r} appears twice")
+    return dict(pairs)
+
+
+def read_dataset_json(path: str | Path) -> DatasetJson:
+    """Read and check an nnU-Net ``dataset.json`` (module docstring).
+
+    Raises:
+        DataError: one line naming the file and the problem.
+    """
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(), object_pairs_hook=_no_duplicates)
+    except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        raise DataError(f"cannot read dataset.json ({type(exc).__name__}: {exc})", path) from None
+    if not isinstance(raw, dict):
+        raise DataError("dataset.json must hold a JSON object", path)
+    missing = [k for k in ("labels", "channel_names", "file_ending") if k not in raw]
+    if missing:
+        raise DataError(f"dataset.json lacks {', '.join(repr(k) for k in missing)} (nnU-Net v2 format)", path)
+    labels, channels, ending = raw["labels"], raw["channel_names"], raw["file_ending"]
+    if not isinstance(labels, dict) or len(labels) < 2:
+        raise DataError("'labels' must map at least two names (background first) to label values", path)
+    if "ignore" in labels:
+        raise DataError("has an 'ignore' label (nnU-Net's sparse annotations): not supported; drop it "
+                        "and label those voxels", path)
+    regions = [n for n, v in labels.items() if isinstance(v, (list, tuple))]
+    if regions:
+        raise DataError(f"label {regions[0]!r} is a region (a list of values): region-based training is "
+                        "not supported; give each label one integer value", path)
+    bad = [n for n, v in labels.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
+    if bad:
+        raise DataError(f"label {bad[0]!r} has value {labels[bad[0]]!r}: label values must be integers >= 0",
+                        path)
+    pairs = sorted(((str(n), int(v)) for n, v in labels.items()), key=lambda p: p[1])
+    values = [v for _, v in pairs]
+    if len(set(values)) != len(values):
+        dup = next(v for v in values if values.count(v) > 1)
+        names = [n for n, v in pairs if v == dup]
+        raise DataError(f"labels {names[0]!r} and {names[1]!r} share the value {dup}", path)
+    if values[0] != 0:
+        raise DataError(f"has no label with value 0 (the background; lowest is {pairs[0][0]!r} = "
+                        f"{values[0]})", path)
+    if not isinstance(channels, dict) or not channels:
+        raise DataError("'channel_names' must map channel indices '0', '1', ... to names", path)
+    try:
+        order = sorted((int(k), str(v)) for k, v in channels.items())
+    except ValueError:
+        raise DataError(f"'channel_names' keys must be channel indices, got {sorted(channels)}", path) from None
+    if [k for k, _ in order] != list(range(len(order))):
+        raise DataError(f"'channel_names' keys must be 0..{len(order) - 1}, got "
+                        f"{', '.join(str(k) for k, _ in order)}", path)
+    if not isinstance(ending, str) or not ending.startswith(".") or ending.lower() not in io.IMAGE_EXTENSIONS:
+        raise DataError(f"'file_ending' {ending!r} is not a format we read ({', '.join(io.IMAGE_EXTENSIONS)})",
+                        path)
+    n = raw.get("numTraining")
+    return DatasetJson(path, tuple(pairs), tuple(v for _, v in order), ending,
+                       int(n) if isinstance(n, int) and not isinstance(n, bool) else None)
+
+
+def dataset_json_path(data_cfg: Any, root: Path) -> Path | None:
+    """The ``dataset.json`` a run reads: ``data.dataset_json`` ('auto': ``root/dataset.json`` when it
+    exists; a path, relative to ``root``; None: none).
+
+    Raises:
+        ConfigError: an explicit path that does not exist.
+    """
+    setting = getattr(data_cfg, "dataset_json", AUTO)
+    if setting is None:
+        return None
+    if setting == AUTO:
+        path = root / "dataset.json"
+        return path if path.is_file() else None
+    path = Path(setting) if Path(setting).is_absolute() else root / setting
+    if not path.is_file():
+        raise ConfigError("data.dataset_json: file not found", path)
+    return path
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value == AUTO
+
+
+def _contradiction(field: str, value: Any, dj: DatasetJson, theirs: Any, what: str) -> ConfigError:
+    return ConfigError(f"data.{field}={value!r} contradicts {dj.path}: its {what} give {theirs!r}; leave "
+                       f"data.{field} at its default to take the file's, or set data.dataset_json=None "
+                       "to ignore the file")
+
+
+def apply_dataset_json(data_cfg: Any, dj: DatasetJson) -> None:
+    """Fill the data fields ``dj`` decides into ``data_cfg`` (in place); refuse contradictions.
+
+    Raises:
+        ConfigError: ``class_names``, ``label_remap``, ``in_channels``, ``channel_names`` or
+            ``pattern`` set to a value that disagrees with ``dj`` (one line naming both).
+    """
+    d = data_cfg
+    if _is_auto(d.class_names):
+        d.class_names = dj.class_names
+    elif list(d.class_names) != dj.class_names:
+        raise _contradiction("class_names", list(d.class_names), dj, dj.class_names, "labels (in value order)")
+    if d.label_remap is None:
+        d.label_remap = dj.label_remap
+    elif remap_for_config(d.label_remap, len(dj.labels)) != remap_for_config(dj.label_remap, len(dj.labels)):
+        raise _contradiction("label_remap", d.label_remap, dj, dj.label_remap or {}, "label values")
+    if _is_auto(d.in_channels):
+        d.in_channels = len(dj.channel_names)
+    elif d.in_channels != len(dj.channel_names):
+        raise _contradiction("in_channels", d.in_channels, dj, len(dj.channel_names), "channel_names")
+    if d.channel_names is None:
+        d.channel_names = list(dj.channel_names)
+    elif list(d.channel_names) != list(dj.channel_names):
+        raise _contradiction("channel_names", list(d.channel_names), dj, list(dj.channel_names), "channel_names")
+    if d.pattern == "*":
+        d.pattern = dj.pattern
+    elif _pattern_extension(d.pattern) not in (None, dj.file_ending.lower()):
+        raise _contradiction("pattern", d.pattern, dj, dj.pattern, "file_ending")
+
+
+def remap_for_config(remap: dict[int, int] | None, num_classes: int) -> dict[int, int]:
+    """A label remap without its identity entries (``{0: 0, 3: 2}`` and ``{3: 2}`` are the same map)."""
+    return {int(k): int(v) for k, v in (remap or {}).items() if int(k) != int(v) and 0 <= int(v) < num_classes}
+
+
+def _pattern_extension(pattern: str) -> str | None:
+    """The image extension a glob ends with ('*_0000.nii.gz' -> '.nii.gz'), None for '*' or 'case*'."""
+    lower = pattern.lower()
+    return next((ext for ext in io.IMAGE_EXTENSIONS if lower.endswith(ext)), None)
+
+
+def discover_classes(label_paths: Sequence[Path], progress: bool = False) -> tuple[list[str], list[int]]:
+    """Class names and their label values from the values found in ``label_paths``: background (0)
+    and ``label_<value>`` for every other value, in value order.
+
+    Raises:
+        DataError: a negative value, or more than ``MAX_DISCOVERED_CLASSES`` distinct values.
+    """
+    from tqdm import tqdm
+
+    from datasets.checks import label_values
+
+    found: set[int] = {0}
+    for path in tqdm(label_paths, desc="label values", unit="case", disable=not progress or len(label_paths) < 20,
+                     leave=False):
+        label, _ = io.read_label(path)
+        values = label_values(label)
+        if values.size and int(values[0]) < 0:
+            raise DataError(f"has the negative label value {int(values[0])}: label values must be >= 0 "
+                            "(or name the classes in data.class_names with a data.label_remap)", path)
+        found.update(int(v) for v in values)
+        if len(found) > MAX_DISCOVERED_CLASSES:
+            raise DataError(f"the label maps hold more than {MAX_DISCOVERED_CLASSES} distinct values (up to "
+                            f"this file): is an image in the label folder? Name the classes in "
+                            "data.class_names", path)
+    values = sorted(found)
+    return ["background"] + [f"label_{v}" for v in values[1:]], values
+
+
+def channel_normalization(channel_names: Sequence[str] | None) -> list[str | None] | None:
+    """Per channel, the normalisation its name fixes (nnU-Net's 'CT', 'noNorm', 'zscore'), else None."""
+    if not channel_names:
+        return None
+    return [CHANNEL_NORMALIZATION.get(str(n).strip().lower()) for n in channel_names]
+
+
+def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.Case]],
+                  progress: bool = False) -> Any:
+    """A copy of ``cfg`` with the data description resolved (module docstring).
+
+    Args:
+        cfg: ``hparam.Config``.
+        root: the data root (``data.root`` resolved).
+        find_cases: the training and validation cases (with labels) of a config; called, with the
+            config as described so far (its file pattern), only when the classes or the channel
+            count must be read from the data.
+        progress: show a bar while reading label values.
+
+    Raises:
+        ConfigError: a contradiction with ``dataset.json`` (``apply_dataset_json``).
+        DataError: a bad ``dataset.json`` or label file.
+    """
+    out = copy.deepcopy(cfg)
+    d = out.data
+    path = dataset_json_path(d, root)
+    if path is not None:
+        dj = read_dataset_json(path)
+        apply_dataset_json(d, dj)
+        logger.info("dataset.json %s: classes %s, %d channel(s) %s, files %s", path,
+                    ", ".join(f"{n}={v}" for n, v in dj.labels), len(dj.channel_names),
+                    "/".join(dj.channel_names), dj.pattern)
+    cases: list[io.Case] = []
+    if _is_auto(d.class_names) or _is_auto(d.in_channels):
+        cases = list(find_cases(out))
+    if _is_auto(d.class_names):
+        names, values = discover_classes([c.label for c in cases], progress)
+        remap = remap_for(values)
+        if d.label_remap is not None and remap_for_config(d.label_remap, len(names)) != remap_for_config(remap, len(names)):
+            raise ConfigError(f"data.label_remap={d.label_remap!r} needs explicit data.class_names (with "
+                              "class_names 'auto' the classes are the label values found: "
+                              f"{', '.join(names)})")
+        d.class_names, d.label_remap = names, remap
+        logger.info("classes from the label values found: %s (name them in data.class_names, or give "
+                    "the data a dataset.json)", ", ".join(f"{n}={v}" for n, v in zip(names, values)))
+    if _is_auto(d.in_channels):
+        d.in_channels = io.channel_count(cases[0])
+    return out
