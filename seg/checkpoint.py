@@ -137,6 +137,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def model_config_from(cfg: Any) -> dict[str, Any]:
     """Map the hparam ``Config`` to the JSON-friendly kwargs of ``seg.model.build_model``."""
     d, m = cfg.data, cfg.model
+    if isinstance(d.in_channels, str):
+        raise ValueError("data.in_channels is 'auto': describe the data first (seg.train.described_config)")
     dims = d.spatial_dims
     pointrend = dataclasses.asdict(m.pointrend) if m.pointrend.enabled else None
     return to_plain({

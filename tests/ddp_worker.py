@@ -57,7 +57,7 @@ def step_check(ctx, out: Path) -> None:
     # 2x2 stride-16 map of these 32x32 images leaves gradients that Adam's first step amplifies from
     # float noise), no dropout, no point sampling
     cfg = apply_overrides(Config(), [
-        "data.spatial_dims=2", "data.class_names=['bg','a','b']", "model.pointrend.enabled=False",
+        "data.spatial_dims=2", "data.class_names=['bg','a','b']", "data.in_channels=1", "model.pointrend.enabled=False",
         "model.head_kwargs={'norm': 'group'}", "train.lr=3e-4", "train.warmup_iterations=1",
         "train.iterations=10", "train.device='cpu'"])
 
