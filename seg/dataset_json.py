@@ -273,13 +273,12 @@ def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.
     """
     out = copy.deepcopy(cfg)
     d = out.data
+    before = {f: copy.deepcopy(getattr(d, f)) for f in DESCRIBED_FIELDS}
     path = dataset_json_path(d, root)
+    dj = None
     if path is not None:
         dj = read_dataset_json(path)
         apply_dataset_json(d, dj)
-        logger.info("dataset.json %s: classes %s, %d channel(s) %s, files %s", path,
-                    ", ".join(f"{n}={v}" for n, v in dj.labels), len(dj.channel_names),
-                    "/".join(dj.channel_names), dj.pattern)
     cases: list[io.Case] = []
     if _is_auto(d.class_names) or _is_auto(d.in_channels):
         cases = list(find_cases(out))
@@ -291,8 +290,44 @@ def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.
                               "class_names 'auto' the classes are the label values found: "
                               f"{', '.join(names)})")
         d.class_names, d.label_remap = names, remap
-        logger.info("classes from the label values found: %s (name them in data.class_names, or give "
-                    "the data a dataset.json)", ", ".join(f"{n}={v}" for n, v in zip(names, values)))
-    if _is_auto(d.in_channels):
+        found_classes = f"the label values found in {len(cases)} cases (name them in data.class_names)"
+    else:
+        found_classes = None
+    channels_found = _is_auto(d.in_channels)
+    if channels_found:
         d.in_channels = io.channel_count(cases[0])
+    out._description = _description(d, before, dj, found_classes, channels_found)
     return out
+
+
+#: the data fields ``describe_data`` resolves, in the order the plan table shows them
+DESCRIBED_FIELDS = ("class_names", "label_remap", "in_channels", "channel_names", "pattern")
+
+
+def _description(d: Any, before: dict[str, Any], dj: DatasetJson | None, found_classes: str | None,
+                 channels_found: bool) -> list[tuple[str, Any, str, str]]:
+    """(field, value, source, why) of each described field, for the plan table and plan.json."""
+    rows, defaults = [], type(d)()
+    for f in DESCRIBED_FIELDS:
+        value, was = getattr(d, f), before[f]
+        if f in ("class_names", "label_remap") and found_classes:
+            source, why = "data", found_classes
+        elif f == "in_channels" and channels_found:
+            source, why = "data", "channels of the first case"
+        elif dj is not None and was == getattr(defaults, f):
+            source, why = "dataset.json", {"class_names": "labels, in value order",
+                                           "label_remap": "label values to class indices (gaps closed)",
+                                           "in_channels": "channel_names", "channel_names": "channel_names",
+                                           "pattern": "file_ending"}[f]
+        elif dj is not None:
+            source, why = "user", "set in the config (agrees with dataset.json)"
+        elif was == getattr(defaults, f):
+            source, why = "default", "hparam.py's default"
+        else:
+            source, why = "user", "set in the config"
+        if f == "channel_names" and value is None:
+            continue
+        if f == "label_remap":
+            value = None if value is None else {str(k): v for k, v in value.items()}  # JSON keys
+        rows.append((f"data.{f}", value, source, why))
+    return rows

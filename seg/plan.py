@@ -434,7 +434,8 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]]) ->
         One ``Decision`` per planned field, in the order they depend on each other.
     """
     d, pr = cfg.data, cfg.model.pointrend
-    out: list[Decision] = []
+    # what the data describe (seg.dataset_json.describe_data): shown and recorded with the plan
+    out: list[Decision] = [Decision(*x) for x in getattr(cfg, "_description", ())]
     vol_dims = fp["spatial_dims"]
     spacing = plan_target_spacing(fp["spacings"], fp["sizes"])
     why = (f"median of {fp['num_cases']} cases ({_fmt(fp['median_spacing'])} mm)"
@@ -501,6 +502,8 @@ def apply_plan(cfg: Any, plan: Sequence[Decision]) -> Any:
     """A copy of ``cfg`` with every planned field set (the caller's object is not changed)."""
     out = copy.deepcopy(cfg)
     for decision in plan:
+        if decision.field not in PLANNED_FIELDS:
+            continue  # described by the data (seg.dataset_json), already set
         value = decision.value
         _set(out, decision.field, tuple(value) if isinstance(value, list) and
              decision.field != "data.normalization" else value)
@@ -536,8 +539,9 @@ def format_tables(fp: dict[str, Any], plan: Sequence[Decision]) -> str:
     lines.append("  label volumes (median mm3): " + ", ".join(
         f"{k}: {v:.0f}" for k, v in fp["class_volume_mm3_median"].items()))
     width = max(len(x.field) for x in plan)
+    source_width = max(len(x.source) for x in plan)
     lines.append("plan (override any field with --set FIELD=VALUE):")
     for x in plan:
         value = "None" if x.value is None else (x.value if isinstance(x.value, str) else json.dumps(x.value))
-        lines.append(f"  {x.field:<{width}}  {str(value):<22} {x.source:<4}  {x.why}")
+        lines.append(f"  {x.field:<{width}}  {str(value):<22} {x.source:<{source_width}}  {x.why}")
     return "\n".join(lines)

@@ -113,6 +113,9 @@ def test_dataset_json_describes_the_run(tmp_path: Path) -> None:
     d = cfg.data
     assert d.class_names == ["background", "a", "b"] and d.label_remap == {3: 2}
     assert d.in_channels == 1 and d.channel_names == ["MRI"] and d.pattern == "*.nii.gz"
+    shown = {row[0]: row[1:3] for row in cfg._description}  # rows of the plan table and plan.json
+    assert shown["data.class_names"] == (["background", "a", "b"], "dataset.json")
+    assert shown["data.label_remap"] == ({"3": 2}, "dataset.json") and shown["data.pattern"][1] == "dataset.json"
     # the same values set explicitly agree with the file (an identity entry changes nothing)
     same = apply_overrides(Config(), [f"data.root='{ds}'", "data.class_names=['background','a','b']",
                                       "data.label_remap={0: 0, 3: 2}", "data.in_channels=1",
@@ -195,6 +198,8 @@ def test_train_and_infer_on_an_nnunet_folder(tmp_path: Path) -> None:
     ckpt = torch.load(result.output_dir / "last.pt", weights_only=True)
     assert ckpt["class_names"] == ["background", "a", "b"] and ckpt["label_values"] == [0, 1, 3]
     assert ckpt["config"]["data"]["pattern"] == "*.nii.gz"  # stray.nrrd never read
+    plan = json.loads((result.output_dir / "plan.json").read_text())["decisions"]
+    assert {"field": "data.in_channels", "value": 1, "source": "dataset.json", "why": "channel_names"} in plan
     out = tmp_path / "pred"
     proc = subprocess.run([sys.executable, str(ROOT / "infer_seg.py"), "-i", str(ds), "-o", str(out), "-m",
                            str(result.output_dir / "last.pt"), "--format", "seg.nrrd", "--device", "cpu"],
