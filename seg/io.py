@@ -300,8 +300,11 @@ def dicom_cases(files: Sequence[Path]) -> list[Case]:
             broken.append(Case(_safe_name(p.name) or "dicom", (p,), series_uid=""))
             continue
         uid = str(ds.get("SeriesInstanceUID", "") or "")
-        if not uid or str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES:
+        if str(ds.get("Modality", "")).upper() in NON_IMAGE_MODALITIES or _is_dicomdir(ds):
             skipped += 1
+            continue
+        if not uid:  # read_dicom_series says so, naming the file
+            broken.append(Case(_safe_name(p.name) or "dicom", (p,), series_uid=""))
             continue
         series.setdefault(uid, []).append(p)
         headers.setdefault(uid, ds)
@@ -312,6 +315,12 @@ def dicom_cases(files: Sequence[Path]) -> list[Case]:
     cases = [Case(name if taken.count(name) == 1 else f"{name}_{_safe_name(uid)}", tuple(series[uid]),
                   series_uid=uid) for uid, name in names.items()]
     return sorted(cases + broken, key=lambda c: c.images[0])
+
+
+def _is_dicomdir(ds: Any) -> bool:
+    """A DICOMDIR (Media Storage Directory): an index of files, no image."""
+    meta = getattr(ds, "file_meta", None)
+    return meta is not None and str(meta.get("MediaStorageSOPClassUID", "")) == "1.2.840.10008.1.3.10"
 
 
 def dicom_case_name(ds: Any) -> str:
@@ -435,15 +444,19 @@ def read_dicom_series(files: Sequence[str | os.PathLike], verify: bool = True
         except Exception as exc:  # noqa: BLE001 -- pydicom raises many types for a broken file
             raise DataError(f"DICOM file {f.name} is unreadable ({type(exc).__name__}: "
                             f"{_first_line(exc)})", where) from None
+    for f, ds in headers.items():
+        if not ds.get("SeriesInstanceUID"):
+            raise DataError("DICOM file without a SeriesInstanceUID (truncated, or not an image?)", f)
     first = headers[files[0]]
-    uid = str(first.get("SeriesInstanceUID", "") or "")
-    label = f"DICOM series {dicom_case_name(first)} (SeriesInstanceUID {uid or '?'}, {len(files)} file(s))"
+    uid = str(first.SeriesInstanceUID)
+    label = f"DICOM series {dicom_case_name(first)} (SeriesInstanceUID {uid}, {len(files)} file(s))"
 
     def fail(problem: str) -> NoReturn:
         raise DataError(f"{label}: {problem}", where)
 
-    if not uid or any(str(ds.get("SeriesInstanceUID", "")) != uid for ds in headers.values()):
-        fail("files without a SeriesInstanceUID, or of several series, in one case")
+    uids = {str(ds.SeriesInstanceUID) for ds in headers.values()}
+    if len(uids) > 1:
+        fail(f"files of {len(uids)} series in one case")
     _check_dicom_slices(headers, fail)
     order = _gdcm_order(where if len(files) > 1 else files[0].parent, uid, files, fail)
     slices = [headers[f] for f in order]
@@ -499,29 +512,33 @@ def _check_dicom_slices(headers: dict[Path, Any], fail: Callable[[str], NoReturn
 
 def _check_dicom_positions(slices: Sequence[Any], files: Sequence[Path], fail: Callable[[str], NoReturn]
                            ) -> None:
-    """Slice positions (ImagePositionPatient along the normal of the orientation) strictly
-    increasing in ``files``' order by one constant step (within 5 % of it: the origin tolerance), and
-    the slices stacked along the normal (no gantry tilt or shear)."""
+    """Slice positions (ImagePositionPatient along the normal of the orientation) one constant step
+    apart (within 5 % of it: the origin tolerance), no two slices at one position, ``files`` (the
+    reader's order) sorted by them, and the slices stacked along the normal (no gantry tilt, shear)."""
     iop = _floats(slices[0], "ImageOrientationPatient")
     normal = np.cross(iop[:3], iop[3:])
     ipp = np.array([_floats(ds, "ImagePositionPatient") for ds in slices])
     pos = ipp @ normal
-    steps = np.diff(pos)
+    by_pos = np.argsort(pos, kind="stable")
+    steps = np.diff(pos[by_pos])
     step = float(np.median(steps))
-    same = np.flatnonzero(np.abs(steps) <= ORIGIN_TOL_VOXELS * max(abs(step), 1e-6))
-    if same.size or step <= 0:
-        i = int(same[0]) if same.size else 0
-        fail(f"{files[i].name} and {files[i + 1].name} are at the same slice position "
-             f"({pos[i]:.4g} mm): several acquisitions in one series?")
+    pixel = _floats(slices[0], "PixelSpacing")
+    scale = pixel.min() if pixel.size else 1.0
+    same = np.flatnonzero(steps <= ORIGIN_TOL_VOXELS * max(step, scale))
+    if same.size:
+        a, b = by_pos[same[0]], by_pos[same[0] + 1]
+        fail(f"{files[a].name} and {files[b].name} are at the same slice position ({pos[a]:.4g} mm "
+             f"along the normal; {same.size} such pair(s)): several acquisitions in one series?")
     uneven = np.flatnonzero(np.abs(steps - step) > ORIGIN_TOL_VOXELS * step)
     if uneven.size:
-        i = int(uneven[0])
+        a, b = by_pos[uneven[0]], by_pos[uneven[0] + 1]
         fail(f"missing slice(s) or uneven slice spacing: the slices are {step:.4g} mm apart, but "
-             f"{files[i].name} and {files[i + 1].name} are {steps[i]:.4g} mm apart ({uneven.size} "
+             f"{files[a].name} and {files[b].name} are {steps[uneven[0]]:.4g} mm apart ({uneven.size} "
              f"such gap(s) in {len(slices)} slices)")
+    if np.any(np.diff(pos) <= 0):
+        fail("SimpleITK's series reader does not order the slices by their positions")
     shift = np.linalg.norm(ipp - ipp[0] - np.outer(pos - pos[0], normal), axis=1).max()
-    pixel = _floats(slices[0], "PixelSpacing")
-    if shift > ORIGIN_TOL_VOXELS * (pixel.min() if pixel.size else step):
+    if shift > ORIGIN_TOL_VOXELS * scale:
         fail(f"the slices are not stacked along their normal (in-plane shift up to {shift:.3g} mm: "
              "gantry tilt or a sheared stack); resample the series first")
 
@@ -534,7 +551,9 @@ def _gdcm_order(folder: Path, uid: str, files: Sequence[Path], fail: Callable[[s
     wanted = {f.resolve(): f for f in files}
     order = [wanted[r] for r in (Path(n).resolve() for n in names) if r in wanted]
     if len(order) != len(files):
-        fail(f"SimpleITK's series reader finds {len(order)} of its {len(files)} files")
+        lost = sorted(set(files) - set(order))
+        more = f" and {len(lost) - 1} other file(s)" if len(lost) > 1 else ""
+        fail(f"SimpleITK's series reader cannot read {lost[0].name}{more} (truncated or corrupt?)")
     return order
 
 
