@@ -43,6 +43,7 @@ object (``dicom_segmentation``) referencing the series it was read from.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fnmatch
 import logging
@@ -311,8 +312,8 @@ def dicom_cases(files: Sequence[Path]) -> list[Case]:
     if skipped:
         logger.info("skipped %d DICOM file(s) that hold no image series (SEG, SR, DICOMDIR, ...)", skipped)
     names = {uid: dicom_case_name(ds) for uid, ds in headers.items()}
-    taken = [n for n in names.values()]
-    cases = [Case(name if taken.count(name) == 1 else f"{name}_{_safe_name(uid)}", tuple(series[uid]),
+    taken = collections.Counter(names.values())
+    cases = [Case(name if taken[name] == 1 else f"{name}_{_safe_name(uid)}", tuple(series[uid]),
                   series_uid=uid) for uid, name in names.items()]
     return sorted(cases + broken, key=lambda c: c.images[0])
 
@@ -442,8 +443,7 @@ def read_dicom_series(files: Sequence[str | os.PathLike], verify: bool = True
         try:
             headers[f] = _dicom_header(f)
         except Exception as exc:  # noqa: BLE001 -- pydicom raises many types for a broken file
-            raise DataError(f"DICOM file {f.name} is unreadable ({type(exc).__name__}: "
-                            f"{_first_line(exc)})", where) from None
+            raise DataError(f"unreadable DICOM file ({type(exc).__name__}: {_first_line(exc)})", f) from None
     for f, ds in headers.items():
         if not ds.get("SeriesInstanceUID"):
             raise DataError("DICOM file without a SeriesInstanceUID (truncated, or not an image?)", f)

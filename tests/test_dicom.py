@@ -139,10 +139,10 @@ def random_hu(seed: int = 0) -> np.ndarray:
 
 def phantom(seed: int = 0) -> np.ndarray:
     """HU like the training cases of ``trained_checkpoint``: a sphere (class 2) in a sphere (class 1),
-    label * 40 + 10 + noise."""
+    label * 40 + 10 + noise, off centre (no axis symmetric, so a flipped axis shows)."""
     rng = np.random.default_rng(seed)
     x, y, z = np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")
-    r = np.sqrt(((x - 11.5) * SPACING[0]) ** 2 + ((y - 10) * SPACING[1]) ** 2 + ((z - 5.5) * SPACING[2]) ** 2)
+    r = np.sqrt(((x - 10) * SPACING[0]) ** 2 + ((y - 8.5) * SPACING[1]) ** 2 + ((z - 4) * SPACING[2]) ** 2)
     label = np.where(r < 4.5, 2, np.where(r < 8.5, 1, 0))
     return np.round(label * 40.0 + rng.normal(0, 6, SHAPE) + 10)
 
@@ -226,7 +226,7 @@ def test_cases_one_per_series_nested_any_extension_named_by_the_rule(tmp_path) -
     np.testing.assert_array_equal(arr[0], hu)
     assert io.dicom_case_name(pydicom.dcmread(a_files[0])) == "Doe_John_7_3_CT"
     assert [c_.name for c_ in io.image_cases(a_files[:2])] == ["Doe_John_7_3_CT"]  # explicit files
-    with pytest.raises(DataError, match="mixed orientations|not a DICOM file"):
+    with pytest.raises(DataError, match=r"other.nii.gz: is not a DICOM file, but the other files of its case are"):
         io.read_case([a_files[0], root / "other.nii.gz"])
 
 
@@ -312,6 +312,18 @@ def test_single_file_is_a_2d_image(tmp_path) -> None:
     assert arr.shape == (1, 24, 20) and meta.spacing == SPACING[:2] and len(meta.dicom) == 1
     np.testing.assert_array_equal(arr[0], hu[:, :, 0])
     assert meta.path == str(case.image)
+    labels = (arr[0] > 500).astype(np.uint8) * 4  # a 2D model's output: one frame over the one slice
+    seg = hd.seg.segread(io.write_label(tmp_path / "out" / "one.dcm", labels, meta, segments=[("x", 4)]))
+    source = pydicom.dcmread(case.image)
+    mask = seg.get_pixels_by_source_instance([source.SOPInstanceUID], segment_numbers=[1])
+    np.testing.assert_array_equal(mask[0, :, :, 0], labels.T == 4)
+
+
+def test_dicom_seg_needs_a_dicom_source(tmp_path) -> None:
+    _, meta = io.read_image(write_nifti(tmp_path / "a.nii.gz", random_hu().astype(np.int16)))
+    with pytest.raises(DataError, match=r"out/a.dcm: a DICOM-SEG output needs a DICOM series as input"):
+        io.write_label(tmp_path / "out" / "a.dcm", np.zeros(SHAPE, np.uint8), meta, segments=[("x", 1)])
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
 # ----------------------------------------------------------------------------- end to end
