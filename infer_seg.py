@@ -72,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"need 0 <= --overlap < 1 and --batch-size >= 1 (got {args.overlap}, {args.batch_size})")
     cases = checked_cases(args.input, args.output, args.suffix, args.format, args.save_probabilities)  # before the model
     if args.labels:
-        seg = [c for c in cases if io.is_dicom_seg(output_path(c, args.output, args.suffix, args.format))]
-        if seg:
+        as_seg = [c for c in cases if io.is_dicom_seg(output_path(c, args.output, args.suffix, args.format))]
+        if as_seg:
             raise UserError(f"--labels evaluates label maps, not DICOM-SEG outputs: add --format nii.gz "
-                            f"to evaluate the DICOM series ({seg[0].name}, ...)", seg[0].image)
+                            f"to evaluate the DICOM series ({as_seg[0].name}, ...)", as_seg[0].image)
     predictor = Predictor.from_checkpoint(args.model, device=args.device, unsafe_load=args.unsafe_load,
                                           overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
                                           blend=args.blend)

@@ -329,7 +329,8 @@ def dicom_case_name(ds: Any) -> str:
     is missing), or its SeriesInstanceUID when PatientID or SeriesNumber is missing; characters
     other than letters, digits, '.' and '-' become '_' (``dicom_cases`` adds ``_<UID>`` to names
     that two series share)."""
-    pid, number, modality = (str(ds.get(k, "") or "").strip() for k in ("PatientID", "SeriesNumber", "Modality"))
+    pid, number, modality = (str(ds.get(k, "") or "").strip()
+                             for k in ("PatientID", "SeriesNumber", "Modality"))
     name = "_".join(v for v in (pid, number, modality) if v) if pid and number else ""
     return _safe_name(name) or _safe_name(str(ds.get("SeriesInstanceUID", "") or "")) or "dicom"
 
@@ -464,15 +465,16 @@ def read_dicom_series(files: Sequence[str | os.PathLike], verify: bool = True
         _check_dicom_positions(slices, order, fail)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames([str(f) for f in order])
-    rescales = {(float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)) for ds in slices}
+    rescales = {(str(ds.get("RescaleSlope", "")), str(ds.get("RescaleIntercept", ""))) for ds in slices}
     if len(rescales) > 1:  # the reader would keep the first slice's (integer) type for every slice
         reader.SetOutputPixelType(sitk.sitkFloat32)
     try:
         img = reader.Execute()
     except RuntimeError as e:
         fail(f"cannot read it ({_first_line(e)})")
-    if img.GetDimension() == 3 and img.GetSize()[2] == 1:  # one slice: a 2D image (ITK's rule for the direction)
-        img = sitk.Extract(img, (*img.GetSize()[:2], 0), (0, 0, 0), sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOGUESS)
+    if img.GetDimension() == 3 and img.GetSize()[2] == 1:  # one slice: 2D (ITK's rule for the direction)
+        img = sitk.Extract(img, (*img.GetSize()[:2], 0), (0, 0, 0),
+                           sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOGUESS)
     arr = sitk.GetArrayFromImage(img)
     if verify:
         _check_finite(arr, where)
@@ -501,13 +503,13 @@ def _check_dicom_slices(headers: dict[Path, Any], fail: Callable[[str], NoReturn
         for tag, length in (("ImageOrientationPatient", 6), ("ImagePositionPatient", 3)):
             if n > 1 and len(ds.get(tag) or ()) != length:
                 fail(f"{f.name} has no valid {tag}: the slices cannot be ordered")
-        if n > 1 and not np.allclose(_floats(ds, "ImageOrientationPatient"), _floats(ds0, "ImageOrientationPatient"),
-                                     rtol=0, atol=DIRECTION_ATOL):
-            fail(f"mixed orientations: ImageOrientationPatient {_fmt(_floats(ds0, 'ImageOrientationPatient'))} "
-                 f"in {f0.name} but {_fmt(_floats(ds, 'ImageOrientationPatient'))} in {f.name}")
-        if not np.allclose(_floats(ds, "PixelSpacing"), _floats(ds0, "PixelSpacing"), rtol=SPACING_RTOL, atol=0):
-            fail(f"mixed pixel spacings: {_fmt(_floats(ds0, 'PixelSpacing'))} mm in {f0.name}, "
-                 f"{_fmt(_floats(ds, 'PixelSpacing'))} mm in {f.name}")
+        iop, iop0 = _floats(ds, "ImageOrientationPatient"), _floats(ds0, "ImageOrientationPatient")
+        if n > 1 and not np.allclose(iop, iop0, rtol=0, atol=DIRECTION_ATOL):
+            fail(f"mixed orientations: ImageOrientationPatient {_fmt(iop0)} in {f0.name} but {_fmt(iop)} "
+                 f"in {f.name}")
+        pixel, pixel0 = _floats(ds, "PixelSpacing"), _floats(ds0, "PixelSpacing")
+        if pixel.shape != pixel0.shape or not np.allclose(pixel, pixel0, rtol=SPACING_RTOL, atol=0):
+            fail(f"mixed pixel spacings: {_fmt(pixel0)} mm in {f0.name}, {_fmt(pixel)} mm in {f.name}")
 
 
 def _check_dicom_positions(slices: Sequence[Any], files: Sequence[Path], fail: Callable[[str], NoReturn]

@@ -7,8 +7,8 @@ interpolation of logits, not nearest-neighbour of labels), so the output has exa
 size, spacing, origin and direction.  Cases, their names and their files are found and read by
 ``seg.io`` (the reader training and evaluation use), DICOM series included; a DICOM series' output
 is a DICOM Segmentation object (``<case>.dcm``, referencing the series) unless another format is
-asked for.  ``predict_folder`` runs a whole folder, skips
-outputs that exist, and turns a bad file into a one-line failure while the other cases go on;
+asked for.  ``predict_folder`` runs a whole folder, skips outputs that exist, and turns a bad file
+into a one-line failure while the other cases go on;
 outputs that would collide (two inputs, one output name; an output over an input) are refused
 before anything is written.
 """
