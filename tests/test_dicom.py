@@ -8,6 +8,7 @@ the checks use pydicom, SimpleITK and highdicom directly.
 from __future__ import annotations
 
 import json
+import locale
 import logging
 import math
 import re
@@ -121,6 +122,7 @@ def write_sitk_series(folder: Path, hu: np.ndarray) -> str:
             "0008|0060": "CT", "0028|1052": "-1024", "0028|1053": "1", "0018|0050": str(SPACING[2]),
             "0020|0037": "\\".join(f"{v:.8f}" for v in (*DIRECTION[:, 0], *DIRECTION[:, 1]))}
     rng = np.random.default_rng(1)
+    ctype = locale.setlocale(locale.LC_CTYPE)
     for k in range(img.GetDepth()):
         piece = img[:, :, k]
         for tag, value in tags.items():
@@ -130,6 +132,7 @@ def write_sitk_series(folder: Path, hu: np.ndarray) -> str:
         piece.SetMetaData("0008|0018", generate_uid())
         writer.SetFileName(str(folder / f"slice{rng.integers(10 ** 6)}"))
         writer.Execute(piece)
+    locale.setlocale(locale.LC_CTYPE, ctype)  # ITK's GDCM writer leaves LC_CTYPE at "C" (ASCII subprocess text)
     return uid
 
 
