@@ -6,6 +6,9 @@
 Each output is named like its case (the file name; nnU-Net channel files ``name_0000``, ``name_0001``
 ... are one case ``name`` when ``name_0000`` exists), keeps the input's size, spacing, origin and
 direction, and is written as uint8 in the input's format unless ``--format`` says otherwise.
+A folder's DICOM files (in it and in its subfolders, any extension) are one case per series, named
+``<PatientID>_<SeriesNumber>_<Modality>`` (``seg.io.dicom_case_name``), and written as a DICOM
+Segmentation object ``<case>.dcm`` that references the series (or in ``--format``).
 Existing outputs are skipped unless ``--overwrite``; two inputs that would be written to one output,
 or an output folder that is the input folder, stop the run before anything is written.
 A bad file is reported in one line and the others are still processed.
@@ -30,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", "--input", required=True, nargs="+",
-                   help="image file(s), a folder of images, or an nnU-Net dataset folder (its imagesTs/)")
+                   help="image file(s), a folder of images and/or DICOM series (subfolders searched for DICOM), "
+                        "or an nnU-Net dataset folder (its imagesTs/)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("-m", "--model", required=True, help="checkpoint file (.pt) from train_seg.py")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
@@ -42,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from seg.predict import OUTPUT_FORMATS
 
     p.add_argument("--format", default="same", choices=OUTPUT_FORMATS,
-                   help="output format ('same' = the input's; 'seg.nrrd': 3D Slicer's segmentation file, named segments)")
+                   help="output format ('same' = the input's, DICOM-SEG for DICOM series; 'seg.nrrd': 3D Slicer's "
+                        "segmentation file, named segments; 'dicom-seg': a DICOM Segmentation object over "
+                        "the source series, one segment per class, DICOM inputs only)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--batch-size", type=int, default=4, help="windows per network call")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
@@ -61,11 +67,17 @@ def _cuda() -> bool:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seg.predict import Predictor, checked_cases, predict_folder
+    from seg import io
+    from seg.predict import Predictor, checked_cases, output_path, predict_folder
 
     if not 0.0 <= args.overlap < 1.0 or args.batch_size < 1:
         raise UserError(f"need 0 <= --overlap < 1 and --batch-size >= 1 (got {args.overlap}, {args.batch_size})")
-    checked_cases(args.input, args.output, args.suffix, args.format, args.save_probabilities)  # before the model
+    cases = checked_cases(args.input, args.output, args.suffix, args.format, args.save_probabilities)  # before the model
+    if args.labels:
+        as_seg = [c for c in cases if io.is_dicom_seg(output_path(c, args.output, args.suffix, args.format))]
+        if as_seg:
+            raise UserError(f"--labels evaluates label maps, not DICOM-SEG outputs: add --format nii.gz "
+                            f"to evaluate the DICOM series ({as_seg[0].name}, ...)", as_seg[0].image)
     predictor = Predictor.from_checkpoint(args.model, device=args.device, unsafe_load=args.unsafe_load,
                                           overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
                                           blend=args.blend)

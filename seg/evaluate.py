@@ -67,9 +67,10 @@ def _pair_cases(pred_dir: Path, label_dir: Path, suffix: str = "", cases: Sequen
     return [(name, preds[name], refs[name]) for name in sorted(refs)]
 
 
-def _image_lookup(image_dir: Path | None) -> dict[str, Path]:
-    """{case name: first image file} (``case`` or nnU-Net's ``case_0000``, as ``seg.io`` names them)."""
-    return {} if image_dir is None else {c.name: c.image for c in io.image_cases(image_dir)}
+def _image_lookup(image_dir: Path | None) -> dict[str, tuple[Path, ...]]:
+    """{case name: its image files} (``case``, nnU-Net's ``case_0000``, ... or a DICOM series, as
+    ``seg.io`` names them)."""
+    return {} if image_dir is None else {c.name: c.images for c in io.image_cases(image_dir)}
 
 
 def _safe(name: str) -> str:
@@ -135,15 +136,15 @@ def evaluate_folders(pred_dir: str | Path, label_dir: str | Path, out_dir: str |
     return summary
 
 
-def _evaluate_one(name: str, pred_path: Path, ref_path: Path, image_path: Path | None, out_dir: Path,
+def _evaluate_one(name: str, pred_path: Path, ref_path: Path, image_paths: Sequence[Path] | None, out_dir: Path,
                   labels: Sequence[int] | None, metrics: Sequence[str], num_slices: int,
                   options: dict[str, float]) -> tuple[dict[int, dict[str, float]], str | None]:
     """Metrics of one case and the relative path of its picture (None without pictures)."""
     (pred, pred_meta), (ref, ref_meta) = io.read_label(pred_path), io.read_label(ref_path)
     io.check_geometry(pred_meta, ref_meta, "prediction", "label map")
     arrays = [pred, ref]
-    if image_path is not None:
-        image, image_meta = io.read_image(image_path)
+    if image_paths is not None:
+        image, image_meta = io.read_case(image_paths)
         io.check_geometry(image_meta, ref_meta, "image", "label map")
         arrays.append(image[0].astype(np.float32))
     arrays, spacing = squeeze_singletons(arrays, ref_meta.spacing)

@@ -5,8 +5,10 @@ checkpoint's own preprocessing: intensity normalisation and, when a target spaci
 to it.  The network's logits are resampled back to the input grid *before* the argmax (linear
 interpolation of logits, not nearest-neighbour of labels), so the output has exactly the input's
 size, spacing, origin and direction.  Cases, their names and their files are found and read by
-``seg.io`` (the reader training and evaluation use).  ``predict_folder`` runs a whole folder, skips
-outputs that exist, and turns a bad file into a one-line failure while the other cases go on;
+``seg.io`` (the reader training and evaluation use), DICOM series included; a DICOM series' output
+is a DICOM Segmentation object (``<case>.dcm``, referencing the series) unless another format is
+asked for.  ``predict_folder`` runs a whole folder, skips outputs that exist, and turns a bad file
+into a one-line failure while the other cases go on;
 outputs that would collide (two inputs, one output name; an output over an input) are refused
 before anything is written.
 """
@@ -28,7 +30,8 @@ from seg.preprocess import normalize, resample, target_grid
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha", "seg.nrrd")
+#: 'same': the input's format (DICOM-SEG for a DICOM series); 'dicom-seg': DICOM inputs only
+OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha", "seg.nrrd", "dicom-seg")
 _CHUNK = 16  # spatial slices per chunk in argmax/softmax over large volumes
 
 
@@ -146,8 +149,10 @@ class Predictor:
         """Segment one case and write its label map with the input's geometry.
 
         Args:
-            in_paths: the image file, or one file per channel (nnU-Net ``_0000``, ``_0001``, ...).
-            out_path: label map to write (format from the extension); written atomically.
+            in_paths: the image file, or one file per channel (nnU-Net ``_0000``, ``_0001``, ...),
+                or the files of a DICOM series.
+            out_path: label map to write (format from the extension; ``.dcm``: a DICOM-SEG over the
+                input series, one segment per foreground class); written atomically.
             probabilities_path: where to write the probabilities (float32, K channels), if wanted.
         """
         image, meta = io.read_case(in_paths)
@@ -180,14 +185,24 @@ def output_path(case: io.Case, out_dir: str | os.PathLike, suffix: str = "", fmt
                 probabilities: bool = False) -> Path:
     """Output file of a case: the case name (``seg.io``: a channel suffix removed) + suffix, in ``fmt``.
 
-    Probabilities go to ``out_dir/probabilities/`` (as .nii.gz for PNG inputs, which cannot hold
-    floats), so ``out_dir`` holds label maps only.
+    A DICOM series' 'same' is 'dicom-seg' (``.dcm``).  Probabilities go to ``out_dir/probabilities/``
+    (as .nii.gz for PNG and DICOM inputs, whose formats cannot hold them), so ``out_dir`` holds label
+    maps only.
+
+    Raises:
+        UserError: an unknown format, or 'dicom-seg' for a case that is not a DICOM series.
     """
     if fmt not in OUTPUT_FORMATS:
         raise UserError(f"unknown output format {fmt!r}; choose from {', '.join(OUTPUT_FORMATS)}")
-    ext = io.split_extension(case.image)[1] if fmt == "same" else "." + fmt
+    if fmt == "dicom-seg" and not case.is_dicom:
+        raise UserError("is not a DICOM series: --format dicom-seg writes DICOM Segmentation objects over "
+                        "DICOM inputs only; choose another format", case.image)
+    if case.is_dicom and fmt in ("same", "dicom-seg"):
+        ext = ".dcm"
+    else:
+        ext = io.split_extension(case.image)[1] if fmt == "same" else "." + fmt
     if probabilities:
-        out_dir, ext = Path(out_dir) / "probabilities", (".nii.gz" if ext.lower() == ".png" else ext)
+        out_dir, ext = Path(out_dir) / "probabilities", (".nii.gz" if ext.lower() in (".png", ".dcm") else ext)
     return Path(out_dir) / f"{case.name}{suffix}{ext}"
 
 
@@ -276,7 +291,7 @@ def predict_folder(predictor: Predictor, inputs: str | os.PathLike | Sequence[st
         inputs: a folder, an image file, or a list of files.
         out_dir: output folder (created).
         suffix: appended to each case name (``brain1`` -> ``brain1_seg.nrrd`` with ``_seg``).
-        fmt: 'same' (the input's format) or one of ``OUTPUT_FORMATS``.
+        fmt: 'same' (the input's format; DICOM-SEG for a DICOM series) or one of ``OUTPUT_FORMATS``.
         overwrite: redo cases whose output exists (otherwise they are skipped).
         save_probabilities: also write the probabilities to ``out_dir/probabilities/``.
         fail_fast: re-raise the first failure instead of going on.
