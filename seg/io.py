@@ -353,7 +353,8 @@ def _dicom_header(path: Path, tags: Sequence[str] | None = None) -> Any:
 
 # ----------------------------------------------------------------------------- reading
 def channel_count(case: Case) -> int:
-    """Channels of a case from its headers (no voxels read): files x components per pixel.
+    """Channels of a case from its headers (no voxels read): channel files x components per pixel
+    (a DICOM series' files are its slices: one channel file).
 
     Raises:
         DataError: a file that cannot be read.
@@ -364,7 +365,8 @@ def channel_count(case: Case) -> int:
         reader.ReadImageInformation()
     except RuntimeError as e:
         raise DataError(f"cannot read image ({_first_line(e)})", case.image) from None
-    return len(case.images) * int(reader.GetNumberOfComponents())
+    files = 1 if case.is_dicom else len(case.images)
+    return files * int(reader.GetNumberOfComponents())
 
 
 def read_image(path: str | os.PathLike, verify: bool = True) -> tuple[np.ndarray, ImageMeta]:
