@@ -99,7 +99,8 @@ class InputGuard(nn.Module):
         if x.dim() != len(self.shape) + 1 or x.shape[0] < 1 or list(x.shape[1:]) != self.shape:
             raise RuntimeError("input must be " + self.expected + " (see export.json), got "
                                + str(list(x.shape)))
-        return self.net(x)
+        with torch.no_grad():  # as SegmentationModel.forward_infer
+            return self.net(x)
 
 
 class CoarseOnly(nn.Module):
@@ -142,7 +143,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                 bundle.in_channels)
     model = bundle.model.eval()
     computes, pointrend = _describe(model, bundle)
-    created = not out_dir.exists()
+    created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]  # removed again on failure
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", suffix=".tmp", dir=out_dir))
     try:
@@ -155,8 +156,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         files = _move_into_place(tmp, out_dir, [TORCHSCRIPT_FILE, ONNX_FILE, MANIFEST])
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        for folder in created:  # innermost first
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     shutil.rmtree(tmp, ignore_errors=True)
     logger.info("export written to %s (%s)", out_dir, ", ".join(p.name for p in files))

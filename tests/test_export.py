@@ -116,6 +116,8 @@ def test_onnx_matches_eager(exports, key) -> None:
 def test_guard_refuses_other_input_sizes(exports) -> None:
     bundle = ex.load_export(exports["2d"][1])
     h, w = bundle.patch_size
+    x = torch.zeros(2, 1, h, w, requires_grad=True)
+    assert not bundle.model(x).requires_grad  # no autograd graph, as forward_infer
     for shape in [(1, 1, h + 2, w), (1, 2, h, w), (1, 1, 1, h, w)]:
         with pytest.raises(torch.jit.Error, match=r"input must be \(N, 1, 24, 20\) float32"):
             bundle.model(torch.zeros(shape))
@@ -275,10 +277,10 @@ def test_a_failed_export_leaves_nothing_under_the_final_names(exports, tmp_path,
         raise RuntimeError("injected failure after the TorchScript file was written")
 
     monkeypatch.setattr(ex, "_export_onnx", crash)
-    fresh = tmp_path / "fresh"
+    fresh = tmp_path / "new" / "fresh"
     with pytest.raises(RuntimeError, match="injected"):
         ex.export_checkpoint(ckpt, fresh)
-    assert not fresh.exists()  # created by the export, removed with its temporary folder
+    assert not (tmp_path / "new").exists()  # created by the export, removed with its temporary folder
     kept = tmp_path / "kept"  # a folder with other content and an earlier export, --overwrite
     shutil.copytree(folder, kept)
     (kept / "notes.txt").write_text("mine")
