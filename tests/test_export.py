@@ -348,3 +348,15 @@ def test_mask_head_model_exports_at_any_batch(tmp_path) -> None:
     ckpt = save_2d_checkpoint(tmp_path / "mask.pt", config, patch=(32, 32))
     result = ex.export_checkpoint(ckpt, tmp_path / "exp", onnx=False)
     assert max(result.manifest["networks"]["torchscript"]["max_abs_diff_vs_eager"].values()) <= TOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_cpu_export_runs_on_cuda(exports) -> None:
+    """Exported on the CPU, loaded with map_location='cuda': the traced graph follows the input's
+    device (no CPU tensor frozen into it) and matches the eager model on the same device."""
+    ckpt, folder = exports["3d"]
+    eager, exported = load_for_inference(ckpt, "cuda"), ex.load_export(folder, "cuda")
+    x = windows(eager, 3, seed=5).cuda()
+    with torch.no_grad():
+        ref, got = eager.model(x), exported.model(x)
+    assert got.device.type == "cuda" and float((got - ref).abs().max()) <= TOL
