@@ -3,6 +3,9 @@
 
     python infer_seg.py -i IMAGE_OR_FOLDER -o OUT_FOLDER -m CHECKPOINT [--tta] [--labels LABEL_FOLDER]
 
+``-m`` also takes an export folder (``python -m seg.export CHECKPOINT -o DIR``): the same outputs,
+computed by its TorchScript network.
+
 Each output is named like its case (the file name; nnU-Net channel files ``name_0000``, ``name_0001``
 ... are one case ``name`` when ``name_0000`` exists), keeps the input's size, spacing, origin and
 direction, and is written as uint8 in the input's format unless ``--format`` says otherwise.
@@ -36,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="image file(s), a folder of images and/or DICOM series (subfolders searched for DICOM), "
                         "or an nnU-Net dataset folder (its imagesTs/)")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("-m", "--model", required=True, help="checkpoint file (.pt) from train_seg.py")
+    p.add_argument("-m", "--model", required=True,
+                   help="checkpoint file (.pt) from train_seg.py, or an export folder from python -m seg.export")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (along the axes mirrored in training)")
     p.add_argument("--blend", default="gaussian", choices=("gaussian", "constant", "hann"),

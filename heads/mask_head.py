@@ -26,8 +26,8 @@ import torch.nn as nn
 
 from seg import ops
 from seg.errors import ConfigError
-from seg.pointrend import (generate_regular_grid_point_coords, point_sample_fine_grained_features,
-                           whole_input_boxes)
+from seg.pointrend import (generate_regular_grid_point_coords, point_sample,
+                           point_sample_fine_grained_features)
 from seg.registry import unknown_name_message
 
 from . import HEADS, FeatureInfo, nearest_level
@@ -91,12 +91,13 @@ class CoarseMaskHead(nn.Module):
             (R, K, 7, 7[, 7]) logits in box coordinates; R = N without boxes.
         """
         feat = features[self.in_feature]
-        if boxes is None:
-            boxes, batch_index = whole_input_boxes(feat.shape[0], self.spatial_dims, feat.device)
-        r = boxes.shape[0]
-        coords = generate_regular_grid_point_coords(r, self.pooler_size, device=feat.device,
-                                                    dtype=feat.dtype)
-        x = point_sample_fine_grained_features([feat], boxes, batch_index, coords)
+        r = feat.shape[0] if boxes is None else boxes.shape[0]
+        # made on the CPU, then type_as(feat): a traced graph (seg.export) follows the input's device
+        coords = generate_regular_grid_point_coords(r, self.pooler_size, dtype=feat.dtype).type_as(feat)
+        if boxes is None:  # one region per image, the whole input: box coordinates are input ones
+            x = point_sample(feat, coords)  # (N, C, P), no per-image loop (any batch when traced)
+        else:
+            x = point_sample_fine_grained_features([feat], boxes, batch_index, coords)
         x = x.view(r, feat.shape[1], *self.pooler_size)  # (R, C, 14, 14[, 14])
         x = torch.relu(self.reduce(x)).flatten(1)  # (R, conv_dim * 7^d)
         for fc in self.fcs:

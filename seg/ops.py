@@ -57,7 +57,7 @@ def reachable_taps(kernel_size: Sequence[int], dilation: Sequence[int], padding:
         c = k // 2
         if k % 2 == 0 or p != c * d:
             return None
-        r = min(c, (s - 1) // d)
+        r = min(c, (int(s) - 1) // d)  # int(): a plain int also while tracing (sizes are tensors there)
         cropped |= r < c
         out.append(slice(c - r, c + r + 1))
     return tuple(out) if cropped else None

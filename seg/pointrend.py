@@ -263,9 +263,9 @@ def image_point_features(images: torch.Tensor, coords: torch.Tensor,
     if not offsets:
         return images.new_zeros(images.shape[0], 0, coords.shape[1])
     # one voxel in normalised x-first units: 1 / size of that axis (sizes are stored last-axis = x)
-    voxel = torch.tensor([1.0 / s for s in reversed(images.shape[2:])], dtype=coords.dtype,
-                         device=coords.device)
-    delta = torch.tensor(offsets, dtype=coords.dtype, device=coords.device) * voxel   # (O, d)
+    voxel = torch.tensor([1.0 / s for s in reversed(images.shape[2:])], dtype=coords.dtype)
+    # made on the CPU, then type_as(coords): a traced graph (seg.export) follows the input's device
+    delta = (torch.tensor(offsets, dtype=coords.dtype) * voxel).type_as(coords)   # (O, d)
     p = coords.shape[1]
     pts = (coords.unsqueeze(1) + delta.view(1, -1, 1, coords.shape[-1])).flatten(1, 2)  # (N, O*P, d)
     sampled = point_sample(images, pts)                                    # (N, C, O*P)

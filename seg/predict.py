@@ -85,8 +85,13 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str | torch.device = "cpu",
                         unsafe_load: bool = False, **kwargs) -> "Predictor":
-        """Load ``path`` with ``seg.checkpoint.load_for_inference`` (``unsafe_load``: admit a file
-        that needs full unpickling, which runs code stored in it) and wrap it."""
+        """Load ``path`` and wrap it: a checkpoint file with ``seg.checkpoint.load_for_inference``
+        (``unsafe_load``: admit a file that needs full unpickling, which runs code stored in it), a
+        folder as an export of ``python -m seg.export`` with ``seg.export.load_export``."""
+        if Path(path).is_dir():
+            from seg.export import load_export
+
+            return cls(load_export(path, device), **kwargs)
         from seg.checkpoint import load_for_inference
 
         return cls(load_for_inference(path, device, unsafe_load), **kwargs)
