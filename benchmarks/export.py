@@ -4,6 +4,7 @@
     python benchmarks/export.py --dims 2               # its 2D variant
     python benchmarks/export.py --checkpoint runs/demo/best.pt --repeats 10
     python benchmarks/export.py --part models          # which backbone x head exports (several minutes)
+    python benchmarks/export.py --part volumes --checkpoint runs/demo/best.pt [--cases 40]
 
 Without ``--checkpoint`` the model is the default architecture of ``hparam.py`` (ConvNeXt-atto with
 3^d kernels, U-Net head, PointRend with the image cube and the fine stem) for the demo's plan (3D
@@ -14,6 +15,11 @@ path and the cost of a window do not depend on the weights.  The model is export
 difference, and the time per window of eager PyTorch, the TorchScript file and the ONNX file in
 onnxruntime, at batch 1 and at the Predictor's default batch of 4 (best of ``--repeats`` interleaved
 rounds after three warm-up rounds; torch and onnxruntime with the same number of threads).
+
+``--part volumes`` exports ``--checkpoint`` and segments the validation subjects of fold 0 of the
+hippocampus demo (``splits_final.json``) with ``seg.predict.Predictor`` (what ``infer_seg.py`` runs)
+from the checkpoint and from the export: voxels that differ between the two label maps, and seconds
+per case of each.
 
 ``--part models`` exports a small untrained model of every backbone family (its smallest variant)
 with each coarse head, in 2D and 3D (32^d patch, PointRend with the image cube and a fine stem), and
@@ -139,9 +145,48 @@ def models_part() -> None:
                 print(f"{dims:>4} {backbone:<14} {head:<8} {ts:>12.1e}  {what}", flush=True)
 
 
+def volumes_part(args: argparse.Namespace) -> None:
+    """Label maps of the checkpoint and of its export on the hippocampus validation subjects."""
+    import json
+
+    from seg import io
+    from seg.export import export_checkpoint
+    from seg.predict import Predictor
+
+    if not args.checkpoint:
+        raise SystemExit("--part volumes needs --checkpoint (a trained 3D or 2D hippocampus model)")
+    demo = Path(__file__).resolve().parent.parent / "data" / "demo" / "hippocampus"
+    names = json.loads((demo / "splits_final.json").read_text())[0]["val"][: args.cases]
+    tmp = Path(tempfile.mkdtemp(prefix="export-volumes-"))
+    t0 = time.perf_counter()
+    export_checkpoint(args.checkpoint, tmp / "export")
+    export_s = time.perf_counter() - t0
+    predictors = {"checkpoint": Predictor.from_checkpoint(args.checkpoint),
+                  "export": Predictor.from_checkpoint(tmp / "export")}
+    seconds = {k: 0.0 for k in predictors}
+    differing = voxels = 0
+    with torch.no_grad():
+        for name in names:
+            image, meta = io.read_case(demo / "imagesTr" / f"{name}.nii.gz")
+            labels = {}
+            for key, predictor in predictors.items():
+                t = time.perf_counter()
+                labels[key] = predictor.predict_array(image, meta.spacing)[0]
+                seconds[key] += time.perf_counter() - t
+            differing += int((labels["checkpoint"] != labels["export"]).sum())
+            voxels += labels["checkpoint"].size
+    n = len(names)
+    print(f"\n{cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{args.checkpoint}: exported in {export_s:.1f} s; {n} validation subjects of fold 0, "
+          f"{voxels:,} voxels: {differing} differ between checkpoint and export")
+    print(f"seconds per case (overlap 0.5, batch 4, no TTA): checkpoint {seconds['checkpoint'] / n:.3f}, "
+          f"export {seconds['export'] / n:.3f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", default="figures", choices=("figures", "models"))
+    p.add_argument("--part", default="figures", choices=("figures", "models", "volumes"))
+    p.add_argument("--cases", type=int, default=40, help="--part volumes: validation subjects segmented")
     p.add_argument("--checkpoint", help="a trained checkpoint (default: the default model, untrained)")
     p.add_argument("--dims", type=int, default=3, choices=(2, 3))
     p.add_argument("--repeats", type=int, default=10)
@@ -150,6 +195,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.part == "models":
         models_part()
+        return
+    if args.part == "volumes":
+        volumes_part(args)
         return
     import onnxruntime as ort
 
