@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="report folder (created)")
     p.add_argument("--image", help="folder of images drawn under the contours (case or case_0000)")
     p.add_argument("--suffix", default="", help="what follows the case name in prediction file names, e.g. _seg")
-    p.add_argument("--classes", nargs="+", metavar="NAME", help="names of labels 1, 2, …")
+    p.add_argument("--classes", nargs="+", metavar="NAME",
+                   help="names of labels 1, 2, … (default: the dataset.json beside an nnU-Net labelsTr folder)")
     p.add_argument("--labels", nargs="+", type=int, metavar="INT", help="label values to evaluate")
     p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS), help="metrics to compute")
     p.add_argument("--width-mm", type=float, default=DEFAULT_OPTIONS["width_mm"],
@@ -203,10 +204,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_cli(lambda: _run(args), debug=args.debug)
 
 
+def dataset_json_classes(label_dir: str | Path) -> tuple[list[str], list[int]] | None:
+    """(foreground class names, their label values) from the ``dataset.json`` of the nnU-Net dataset
+    ``label_dir`` lies in (``DatasetXXX/labelsTr``), or None when there is none."""
+    from seg.dataset_json import read_dataset_json
+
+    path = Path(label_dir).parent / "dataset.json"
+    if not path.is_file():
+        return None
+    dj = read_dataset_json(path)
+    return dj.class_names[1:], dj.label_values[1:]
+
+
 def _run(args: argparse.Namespace) -> int:
+    classes, labels = args.classes, args.labels
+    if classes is None and labels is None and (described := dataset_json_classes(args.label)):
+        classes, labels = described
+        log.info("classes from %s: %s", Path(args.label).parent / "dataset.json",
+                 ", ".join(f"{n}={v}" for n, v in zip(classes, labels)))
     summary = evaluate_folders(
-        args.pred, args.label, args.output, image_dir=args.image, class_names=args.classes,
-        labels=args.labels, metrics=args.metrics, num_slices=args.num_slices,
+        args.pred, args.label, args.output, image_dir=args.image, class_names=classes,
+        labels=labels, metrics=args.metrics, num_slices=args.num_slices,
         pictures=not args.no_pictures, suffix=args.suffix, width_mm=args.width_mm, tolerance_mm=args.tolerance_mm,
         nsd_tolerance_mm=args.nsd_tolerance_mm, percentile=args.percentile)
     print(f"{summary['n_cases']} cases; report: {Path(args.output) / report.INDEX_HTML}")

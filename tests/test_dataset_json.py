@@ -222,3 +222,15 @@ def test_infer_on_a_dataset_folder_without_imagests(tmp_path: Path) -> None:
         dataset_inputs([ds])
     items, pattern = dataset_inputs([ds / "imagesTr"])  # its own file ending: stray.nrrd left out
     assert items == [ds / "imagesTr"] and pattern == "*.nii.gz"
+
+
+def test_evaluation_of_an_nnunet_label_folder_names_its_classes(tmp_path: Path) -> None:
+    """``python -m seg.evaluate --label Dataset042/labelsTr`` takes the class names and values
+    (1 and 3, a gap) from dataset.json: a prediction equal to the labels scores Dice 1 per class."""
+    from seg.evaluate import main
+
+    ds = nnunet_dataset(tmp_path, n_train=2, n_test=0)
+    assert main(["--pred", str(ds / "labelsTr"), "--label", str(ds / "labelsTr"), "-o", str(tmp_path / "ev"),
+                 "--metrics", "dice", "--no-pictures"]) == 0
+    classes = json.loads((tmp_path / "ev" / "summary.json").read_text())["classes"]
+    assert {n: (c["label"], c["dice"]["mean"]) for n, c in classes.items()} == {"a": (1, 1.0), "b": (3, 1.0)}
