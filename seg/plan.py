@@ -460,11 +460,10 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]]) ->
           plan_batch_size(patch, budget, dataset_voxels),
           f"patches filling {budget:,} voxels, >= {MIN_BATCH}, <= {MAX_BATCH_SHARE:.0%} of the "
           "training voxels")
-    named = channel_normalization(getattr(d, "channel_names", None)) or [None] * len(fp["channels"])
+    named = channel_normalization(d.channel_names) or [None] * len(fp["channels"])
     norms = [n or plan_normalization(ch, fp["nonzero_crop_ratio"]) for n, ch in zip(named, fp["channels"])]
     norm = norms[0] if len(set(norms)) == 1 else norms
-    _pick(out, "data.normalization", d.normalization, norm,
-          _normalization_why(fp, norms, named, getattr(d, "channel_names", None)))
+    _pick(out, "data.normalization", d.normalization, norm, _normalization_why(fp, norms, named, d.channel_names))
     _pick(out, "data.mirror_axes", d.mirror_axes, plan_mirror_axes(d.spatial_dims),
           "all axes (restrict for left/right label pairs)")
     rotation = plan_rotation_axes(grid_spacing) if d.spatial_dims == 3 else (slice_axis,)
