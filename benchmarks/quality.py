@@ -2,7 +2,7 @@
 """Validation quality of our default model vs a MONAI UNet for the same wall-clock time.
 
     python benchmarks/quality.py [--dims 3 2] [--ours-run runs/demo3d runs/demo2d] [--nnunet-net]
-                                 [--set key=value ...]
+                                 [--config data/demo/atrium_phantom/config.py] [--set key=value ...]
 
 Ours is the default ``hparam.py`` model trained as ``python train_seg.py`` trains it (or a finished
 run of it, ``--ours-run``); the MONAI UNet then gets the same wall-clock time of the training loop
@@ -94,14 +94,15 @@ class NnUNetPlainConvUNet(nn.Module):
 
 
 def run(name: str, dims: int, overrides: list[str], factory=None, minutes: float = 0.0,
-        iterations: int | None = None) -> dict:
-    folder = f"runs/bench_quality/{name}_{dims}d"
+        iterations: int | None = None, config: str | None = None) -> dict:
+    tag = "" if config is None else Path(config).resolve().parent.name + "_"
+    folder = f"runs/bench_quality/{tag}{name}_{dims}d"
     shutil.rmtree(folder, ignore_errors=True)  # a fresh run: the loop appends to existing logs
     sets = [f"data.spatial_dims={dims}", f"train.output_dir='{folder}'",
             f"train.max_minutes={minutes}", *overrides]
     if iterations:
         sets.append(f"train.iterations={iterations}")
-    cfg = apply_overrides(load_config(), sets)
+    cfg = apply_overrides(load_config(config), sets)
     res = train(cfg, progress=False, model_factory=factory)
     return {**from_run(res.output_dir, dims), "name": name}
 
@@ -153,27 +154,28 @@ def main() -> None:
     ap.add_argument("--ours-run", nargs="*", default=[],
                     help="finished default runs to reuse, one per --dims, in the same order")
     ap.add_argument("--set", nargs="*", default=[], help="overrides applied to both runs")
+    ap.add_argument("--config", default=None, help="config file (default: hparam.py)")
     ap.add_argument("--nnunet-net", action="store_true",
                     help="3D: also nnU-Net's PlainConvUNet (hippocampus 3d_fullres plan) for the same time")
     args = ap.parse_args()
     print("command: python " + " ".join(sys.argv), flush=True)
     factory = lambda c: MonaiUNet(c.data.spatial_dims, c.data.in_channels, c.data.num_classes)  # noqa: E731
-    names = described_config(apply_overrides(load_config(), args.set)).data.class_names[1:]
+    names = described_config(apply_overrides(load_config(args.config), args.set)).data.class_names[1:]
     for i, dims in enumerate(args.dims):
         ours = from_run(Path(args.ours_run[i]), dims) if i < len(args.ours_run) else \
-            run("ours", dims, args.set)
+            run("ours", dims, args.set, config=args.config)
         # Same wall-clock budget for the UNet, its LR schedule driven by the clock so that it ends
         # with the budget; the stop comes at 99 % of it, leaving time for the final validation
         # (ours' loop time includes its final validation too).
         budget_s = ours["minutes"] * 60
         with time_driven_schedule(0.99 * budget_s):
             others = [run("monai_unet", dims, args.set, factory, minutes=0.99 * ours["minutes"],
-                          iterations=10**7)]
+                          iterations=10**7, config=args.config)]
         if args.nnunet_net and dims == 3:
             nnunet = lambda c: NnUNetPlainConvUNet(3, c.data.in_channels, c.data.num_classes)  # noqa: E731
             with time_driven_schedule(0.99 * budget_s):
                 others.append(run("nnunet_plainconvunet", dims, args.set, nnunet,
-                                  minutes=0.99 * ours["minutes"], iterations=10**7))
+                                  minutes=0.99 * ours["minutes"], iterations=10**7, config=args.config))
         print(f"\n{dims}D, validation slabs, same wall-clock budget ({ours['minutes']:.1f} min):")
         print("| model | iterations | minutes | " + " | ".join(f"Dice {n}" for n in names)
               + " | mean Dice | mean Boundary IoU |")
