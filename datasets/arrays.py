@@ -107,3 +107,21 @@ def load_case_arrays(case: Case, data_cfg: Any) -> CaseArrays:
         spacing = tuple(n * s / g for n, s, g in zip(shape, spacing, grid))
     return CaseArrays(case.name, np.ascontiguousarray(x, dtype=np.float32),
                       np.ascontiguousarray(label, dtype=np.int64), spacing, meta)
+
+
+def load_validation_case(case: Case, data_cfg: Any) -> CaseArrays:
+    """A validation case as inference sees it: the image on the network's grid (normalised and
+    resampled as ``load_case_arrays`` does) and the label and spacing of the file's own grid.
+
+    Validation scores where ``infer_seg.py`` writes: logits resampled to the file's grid before the
+    argmax (``seg.predict.to_input_grid``), against the label as stored, so ``val_log.csv`` and the
+    choice of ``best.pt`` agree with what ``infer_seg.py --labels`` reports.  ``image`` and ``label``
+    have different grids when a target spacing resamples the case.
+    """
+    arrays = load_case_arrays(case, data_cfg)
+    if tuple(arrays.label.shape) == tuple(arrays.meta.size):  # not resampled
+        return arrays
+    raw_label, meta = read_label_raw(case.label)
+    label = as_class_indices(raw_label, data_cfg.label_remap)
+    return dataclasses.replace(arrays, label=np.ascontiguousarray(label),
+                               spacing=tuple(float(s) for s in meta.spacing))

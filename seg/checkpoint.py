@@ -205,6 +205,17 @@ class InferenceBundle:
     label_values: tuple[int, ...] | None = None  # file value of each class index (None: the index)
 
 
+def inference_bundle(cfg: Any, model: torch.nn.Module) -> InferenceBundle:
+    """What inference needs, from a planned config and its model (as a checkpoint would restore it)."""
+    d = cfg.data
+    return InferenceBundle(
+        model=model, spatial_dims=int(d.spatial_dims), patch_size=tuple(int(p) for p in d.patch_size),
+        slice_axis=d.slice_axis if d.spatial_dims == 2 else None, preprocessing=preprocessing_from(cfg),
+        class_names=list(d.class_names), in_channels=int(d.in_channels),
+        mirror_axes=tuple(int(a) for a in d.mirror_axes),
+        label_values=tuple(label_values_from(d.label_remap, d.num_classes)))
+
+
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu",
                        unsafe_load: bool = False) -> InferenceBundle:
     """Rebuild the model of a checkpoint in eval mode on ``device`` (``unsafe_load``: see

@@ -141,6 +141,7 @@ def validate_config(cfg: Any) -> None:
         (_auto_or(d.slice_axis, lambda v: v in (0, 1, 2)),
          f"data.slice_axis must be 'auto', 0, 1 or 2, got {d.slice_axis!r}"),
         (0.0 <= d.foreground_ratio <= 1.0, "data.foreground_ratio must be in [0, 1]"),
+        (0.0 <= d.lookalike_ratio <= 1.0, "data.lookalike_ratio must be in [0, 1]"),
         (0.0 < d.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
         (isinstance(d.fold, int) and d.fold >= 0, f"data.fold must be an integer >= 0, got {d.fold!r}"),
         (_auto_or(d.normalization, lambda v: all(n in NORMALIZATIONS for n in ([v] if isinstance(v, str) else v))
@@ -168,6 +169,7 @@ def validate_config(cfg: Any) -> None:
         (t.schedule in ("cosine", "poly"), f"train.schedule must be cosine or poly, got {t.schedule!r}"),
         (0.0 <= t.val_overlap < 1.0, "train.val_overlap must be in [0, 1)"),
         (t.val_every > 0, "train.val_every must be > 0"),
+        (0.0 <= t.val_share <= 1.0, "train.val_share must be in [0, 1]"),
         (t.dist_timeout_minutes > 0, "train.dist_timeout_minutes must be > 0"),
         (0 < m.pointrend.oversample_ratio and 0 <= m.pointrend.importance_sample_ratio <= 1,
          "model.pointrend: oversample_ratio must be > 0 and importance_sample_ratio in [0, 1]"),

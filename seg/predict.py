@@ -135,9 +135,7 @@ class Predictor:
             x = resample(x, net_shape, mode="linear")
         logits = self.predict_logits(x)
         del x
-        if net_shape != shape:
-            logits = resample(logits, shape, mode="linear")
-        return _labels_and_probabilities(logits, return_probabilities)
+        return _labels_and_probabilities(to_input_grid(logits, shape), return_probabilities)
 
     def _network_shape(self, shape: tuple[int, ...], spacing: Sequence[float] | None) -> tuple[int, ...]:
         """Grid size at the checkpoint's target spacing (axes it does not cover keep their size)."""
@@ -170,6 +168,19 @@ class Predictor:
             labels = np.asarray(values)[labels]
         segments = list(zip(self.bundle.class_names[1:], values[1:]))
         return io.write_label(out_path, labels, meta, num_classes=max(values) + 1, segments=segments)
+
+
+def to_input_grid(logits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """(K, *G) logits on the network's grid resampled (linearly) to the input's grid ``shape``, before
+    any argmax: what inference writes and validation scores (``datasets.load_validation_case``)."""
+    if tuple(logits.shape[1:]) == tuple(shape):
+        return logits
+    return resample(logits, tuple(shape), mode="linear")
+
+
+def labels_from_logits(logits: torch.Tensor) -> np.ndarray:
+    """Class indices of (K, *S) logits (chunked argmax; one channel: the sign of a sigmoid logit)."""
+    return _labels_and_probabilities(logits, False)[0]
 
 
 def _labels_and_probabilities(logits: torch.Tensor, with_probs: bool

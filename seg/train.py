@@ -128,7 +128,8 @@ class CsvLog:
 class DataBundle:
     train_cases: list
     val_cases: list
-    val_data: list              # preloaded validation volumes of this process (all of them on one)
+    val_data: list              # preloaded validation cases of this process (all of them on one):
+                                # images on the network's grid, labels on the files' (load_validation_case)
     val_index: list[int] | None = None  # their positions in val_cases (None: all, in order)
 
 
@@ -222,7 +223,7 @@ def prepare_data(cfg: Any, ctx: distr.DistContext | None = None, cases: tuple[li
     train_cases, val_cases = cases if cases is not None else find_data(cfg)
     ctx = ctx or distr.DistContext()
     val_index = distr.shard(range(len(val_cases)), ctx.rank, ctx.world_size)
-    val_data = [ds.load_case_arrays(val_cases[i], cfg.data) for i in val_index]
+    val_data = [ds.load_validation_case(val_cases[i], cfg.data) for i in val_index]
     if ctx.is_main:
         log.info("%d training and %d validation cases", len(train_cases), len(val_cases))
     return DataBundle(train_cases, val_cases, val_data, val_index)
@@ -234,39 +235,81 @@ def batches(cfg: Any, cases: list, seed: int) -> Iterator[dict[str, torch.Tensor
 
 
 # ----------------------------------------------------------------------------- validation
-@torch.no_grad()
-def predict_case_logits(model: torch.nn.Module, image: np.ndarray, cfg: Any, device: torch.device
-                        ) -> torch.Tensor:
-    """Whole-volume sliding-window logits (K, *S) for a preprocessed (C, *S) image."""
-    from seg.inference import predict_volume_2d, sliding_window_inference
+def validation_windows(data: DataBundle, cfg: Any) -> int:
+    """Sliding windows one validation runs over this process's volumes (its cost, in windows)."""
+    from seg.inference import window_slices
 
-    d = cfg.data
-    x = torch.from_numpy(np.ascontiguousarray(image)).float()
-    kwargs = dict(overlap=cfg.train.val_overlap, batch_size=max(1, cfg.train.batch_size), device=device)
-    if d.spatial_dims == 3 or x.ndim == 3:  # 3D volumes, or native 2D images (C, X, Y)
-        return sliding_window_inference(x[None], model, d.patch_size, **kwargs)[0]
-    return predict_volume_2d(x, model, d.slice_axis, d.patch_size, **kwargs)
+    d, total = cfg.data, 0
+    for case in data.val_data:
+        grid = case.image.shape[1:]
+        if d.spatial_dims == 2 and len(grid) == 3:  # a 2D model over the slices of a volume
+            plane = [g for a, g in enumerate(grid) if a != d.slice_axis]
+            total += grid[d.slice_axis] * len(window_slices(plane, d.patch_size, [cfg.train.val_overlap] * 2))
+        else:
+            size = [max(g, p) for g, p in zip(grid, d.patch_size)]
+            total += len(window_slices(size, d.patch_size, [cfg.train.val_overlap] * len(grid)))
+    return total
+
+
+class ValidationClock:
+    """When to validate: at every ``train.val_every`` checkpoint while the time spent validating
+    stays within ``train.val_share`` of the time spent training, and always at the end.
+
+    Large volumes make a validation expensive (many windows per case); this keeps its cost a small,
+    bounded share of the run on any data and machine.  Which checkpoints get validated depends on
+    measured times; training does not (the data stream is seeded per segment), so a run's weights
+    are the same whatever was validated.  Before the first validation its cost is estimated from
+    the windows it will run, each costed at half a training patch (forward and backward of
+    ``batch_size`` patches take one step).
+    """
+
+    def __init__(self, share: float, windows: int, batch_size: int) -> None:
+        self.share, self.windows, self.batch_size = share, windows, max(1, batch_size)
+        self.train_s = self.val_s = 0.0
+        self.steps, self.last_val_s = 0, None
+
+    def add_step(self, seconds: float) -> None:
+        self.train_s += seconds
+        self.steps += 1
+
+    def expected(self) -> float:
+        if self.last_val_s is not None:
+            return self.last_val_s
+        return self.windows * (self.train_s / max(1, self.steps)) / (2 * self.batch_size)
+
+    def due(self) -> bool:
+        return self.val_s + self.expected() <= self.share * self.train_s
+
+    def add_validation(self, seconds: float) -> None:
+        self.val_s += seconds
+        self.last_val_s = seconds
 
 
 def validate(model: torch.nn.Module, data: DataBundle, cfg: Any, device: torch.device,
              ctx: distr.DistContext | None = None) -> dict[str, float]:
     """Dice and Boundary IoU per foreground class on the validation volumes, and their means.
 
-    Distributed: each process evaluates its share of the cases, the per-case results are gathered
-    and reduced in case order on every rank, so all ranks return what one process would.
+    Each case is segmented as ``infer_seg.py`` segments it (``seg.predict.Predictor`` on the network's
+    grid, logits resampled to the file's grid before the argmax) and scored against its label as
+    stored, with the file's spacing.  Distributed: each process evaluates its share of the cases, the
+    per-case results are gathered and reduced in case order on every rank, so all ranks return what
+    one process would.
     """
+    from seg.checkpoint import inference_bundle
     from seg.metrics import MetricAccumulator, evaluate_case
+    from seg.predict import Predictor, labels_from_logits, to_input_grid
 
     ctx = ctx or distr.DistContext()
-    model.eval()
+    predictor = Predictor(inference_bundle(cfg, model), overlap=cfg.train.val_overlap,
+                          batch_size=max(1, cfg.train.batch_size))  # puts the model in eval mode
     labels = list(range(1, cfg.data.num_classes))
     index = data.val_index if data.val_index is not None else list(range(len(data.val_data)))
     results = []
     with ctx.guard("validation"):
         for i, case in zip(index, tqdm(data.val_data, desc="validate", leave=False, dynamic_ncols=True,
                                        disable=not ctx.is_main)):
-            logits = predict_case_logits(model, case.image, cfg, device)
-            pred = logits.argmax(0).numpy().astype(np.int64)
+            logits = to_input_grid(predictor.predict_logits(case.image), case.label.shape)
+            pred = labels_from_logits(logits).astype(np.int64)
             results.append((i, case.name, evaluate_case(pred, case.label, case.spacing, labels,
                                                         metrics=("dice", "boundary_iou"))))
     model.train()
@@ -507,6 +550,7 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
                                       for n in cfg.data.class_names[1:] + ["mean"]]
         val_csv = CsvLog(out_dir / "val_log.csv", val_fields)
     metrics: dict[str, float] = {}
+    clock = ValidationClock(t.val_share, validation_windows(data, cfg), cfg.train.batch_size)
     t0 = time.time()
     bar = tqdm(total=t.iterations, initial=start, desc="train", disable=not (progress and ctx.is_main),
                dynamic_ncols=True)
@@ -525,10 +569,12 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
                 next(stream)
         # an exception on any rank stops them all (two guards: DDP's forward has its own collectives,
         # so loading the batch and the forward, inside train_step, are guarded apart)
+        t_step = time.time()
         with ctx.guard(f"loading the batch of iteration {it + 1}"):
             batch = next(stream)
         values = train_step(step_model, batch, optimizer, scheduler, scaler, cfg, device, ctx,
                             what=f"iteration {it + 1}")
+        clock.add_step(time.time() - t_step)
         it += 1
         values.update(iteration=it, lr=scheduler.get_last_lr()[0], seconds=round(time.time() - t0, 2))
         if ctx.is_main:
@@ -539,20 +585,27 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
         bar.update(1)
         bar.set_postfix(loss=f"{values['total']:.3f}", dice=f"{metrics.get('dice/mean', float('nan')):.3f}")
         out_of_time = t.max_minutes > 0 and ctx.any((time.time() - t0) / 60 >= t.max_minutes)
-        if it % t.val_every == 0 or it == t.iterations or out_of_time:
-            metrics = validate(model, data, cfg, device, ctx)
+        last = it == t.iterations or out_of_time
+        if it % t.val_every == 0 or last:  # a checkpoint; validated when due (ValidationClock)
+            validated = last or ctx.any(clock.due())
+            if validated:
+                t_val = time.time()
+                metrics = validate(model, data, cfg, device, ctx)
+                clock.add_validation(time.time() - t_val)
             with ctx.guard("writing checkpoints"):  # rank 0 writes, the others wait here
                 if ctx.is_main:
-                    val_csv.write({"iteration": it, **metrics})
-                    for k, v in metrics.items():
-                        writer.add_scalar(f"val/{k}", v, it)
                     state = checkpoint_state(cfg, model, optimizer, scheduler, scaler, it, best, plan)
-                    if metrics["dice/mean"] > best:
-                        state["best"] = metrics["dice/mean"]
-                        atomic_torch_save(state, out_dir / "best.pt")
+                    if validated:
+                        val_csv.write({"iteration": it, **metrics})
+                        for k, v in metrics.items():
+                            writer.add_scalar(f"val/{k}", v, it)
+                        if metrics["dice/mean"] > best:
+                            state["best"] = metrics["dice/mean"]
+                            atomic_torch_save(state, out_dir / "best.pt")
+                        log_metrics(it, metrics, cfg.data.class_names)
                     atomic_torch_save(state, out_dir / "last.pt")
-                    log_metrics(it, metrics, cfg.data.class_names)
-            best = max(best, metrics["dice/mean"])
+            if validated:
+                best = max(best, metrics["dice/mean"])
         if out_of_time:
             if ctx.is_main:
                 log.info("stopping after %.1f minutes (train.max_minutes)", t.max_minutes)

