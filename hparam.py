@@ -44,7 +44,8 @@ class DataConfig:
     intensity_stats: list[dict[str, float]] | None = None  # set by the plan: per-channel foreground mean/std/clip of the training set ('ct'); leave None
     mirror_axes: tuple[int, ...] | str = "auto"  # axes of the patch mirrored in augmentation (and --tta); (): off; auto: all
     rotation_axes: tuple[int, ...] | str = "auto"  # axes rotated about (augment_affine); auto: all, only the thick axis on anisotropic data
-    foreground_ratio: float = 0.9                # share of patches centred on a labelled voxel
+    foreground_ratio: float = 0.33               # share of patches centred on a labelled voxel (nnU-Net's 1/3); the rest anywhere, so the model sees what lies away from the target
+    lookalike_ratio: float = 0.0                 # share of the other patches centred on a look-alike: unlabelled, within the case's foreground intensities (5-95 %)
     samples_per_volume: int = 8                  # 3D: patches drawn from a volume each time it is loaded
     queue_length: int = 64                       # 3D: torchio queue length
     num_workers: int = 0                         # data-loading worker processes
@@ -96,7 +97,8 @@ class TrainConfig:
     warmup_iterations: int = 50                  # linear warm-up steps
     schedule: str = "cosine"                     # 'cosine' or 'poly' decay after warm-up
     grad_clip: float = 1.0                       # max gradient norm (0 disables)
-    val_every: int = 250                         # validate every N iterations (and at the end)
+    val_every: int = 250                         # checkpoint every N iterations, validated there while validation takes <= val_share of the training time; always validated at the end
+    val_share: float = 0.1                       # most of the training time spent validating (0: only the final validation, 1: every checkpoint)
     val_overlap: float = 0.25                    # sliding-window overlap during validation
     seed: int = 0                                # seeds splits, sampling, augmentation, init
     device: str = "auto"                         # 'auto', 'cpu', 'cuda', 'cuda:1', ...

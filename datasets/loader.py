@@ -76,7 +76,8 @@ class CaseDataset(Dataset):
 def build_queue(cases: Sequence[Case], data_cfg: Any) -> tio.Queue:
     """The torchio queue of training patches (3D augmentation inside, when switched on)."""
     transform = augmentation_3d(data_cfg) if data_cfg.spatial_dims == 3 else None
-    sampler = ForegroundSampler(sample_shape(data_cfg), data_cfg.foreground_ratio)
+    sampler = ForegroundSampler(sample_shape(data_cfg), data_cfg.foreground_ratio,
+                                lookalike_ratio=data_cfg.lookalike_ratio)
     return tio.Queue(CaseDataset(cases, data_cfg, transform), max_length=max(1, data_cfg.queue_length),
                      samples_per_volume=max(1, data_cfg.samples_per_volume), sampler=sampler,
                      num_workers=data_cfg.num_workers, start_background=False)

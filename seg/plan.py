@@ -41,6 +41,14 @@ ANISOTROPY_RATIO = 3.0
 NONZERO_CROP_SHARE = 0.25
 #: a patch axis may exceed the median case by this share when rounded up to a stride
 PAD_TOLERANCE = 0.25
+#: 3D: the patch sees at least this share of the median case's voxels; on larger volumes the target
+#: spacing grows until it does (nnU-Net's threshold for planning its low-resolution stage)
+CONTEXT_SHARE = 0.25
+#: the factor the spacing grows by per try (nnU-Net's), and the most it may grow in all
+CONTEXT_STEP, CONTEXT_MAX_FACTOR = 1.03, 4.0
+#: ... and never so far that the smallest class's median object (as a sphere) spans fewer voxels
+#: than this: a coarse grid may not cost small targets their shape
+MIN_OBJECT_VOXELS = 16
 #: default patch budgets in voxels: 3D 64x64x32 (a training step of the default model ~0.7 s and
 #: < 2 GB on a 2-core CPU), 2D 2^15 (about 160x192)
 PATCH_BUDGET = {3: 131_072, 2: 32_768}
@@ -300,6 +308,59 @@ def plan_patch_size(median_size: Sequence[float], spacing: Sequence[float],
         patch[axis] += max(1, total[axis] // 2)
 
 
+def plan_context_spacing(spacing: Sequence[float], median_size: Sequence[float],
+                         level_strides: Sequence[Sequence[int]], budget: int,
+                         patch_size: Sequence[int] | None = None, smallest_object_mm: float = math.inf
+                         ) -> tuple[tuple[float, ...], tuple[int, ...]]:
+    """A target spacing at which the planned patch sees ``CONTEXT_SHARE`` of the median case.
+
+    A patch that sees a small part of a large volume cannot tell the target from structures that
+    look like it elsewhere in the view.  While the patch (``plan_patch_size`` within ``budget``)
+    holds less than ``CONTEXT_SHARE`` of the median case's voxels, the spacing grows by
+    ``CONTEXT_STEP``: first only the axes finer than half the coarsest one (thin in-plane axes of
+    thick-slice data), then all of them; never beyond ``CONTEXT_MAX_FACTOR`` times the start, nor
+    beyond ``smallest_object_mm / MIN_OBJECT_VOXELS`` on a growing axis.  The coarser grid is what
+    the network sees; predictions are resampled back to every input's own grid.
+
+    Args:
+        spacing: the target spacing from ``plan_target_spacing`` (mm per axis).
+        median_size: the median case (voxels per axis) at ``spacing``.
+        level_strides: per-axis strides of the model's feature levels.
+        budget: patch budget in voxels.
+        patch_size: a patch fixed by the user (else planned at each spacing).
+        smallest_object_mm: diameter of the sphere of the smallest class's median volume.
+
+    Returns:
+        (spacing, patch): unchanged when the patch already sees enough.
+    """
+    start = np.asarray(spacing, float)
+    extent = np.asarray(median_size, float) * start       # mm
+    current, grown = start.copy(), False
+    while True:
+        size = extent / current
+        patch = tuple(patch_size) if patch_size is not None else plan_patch_size(
+            size, current, level_strides, budget)
+        if math.prod(patch) >= CONTEXT_SHARE * float(np.prod(size)):
+            return (_spacing_mm(current) if grown else tuple(spacing)), patch
+        fine = current.max() / current > 2
+        step = np.where(fine if fine.any() else np.ones_like(fine), CONTEXT_STEP, 1.0)
+        limit = np.minimum(CONTEXT_MAX_FACTOR * start, smallest_object_mm / MIN_OBJECT_VOXELS)
+        if np.any((step > 1) & (current * step > limit)):
+            return (_spacing_mm(current) if grown else tuple(spacing)), patch
+        current, grown = current * step, True
+
+
+def smallest_object_mm(fp: dict[str, Any]) -> float:
+    """Diameter (mm) of the sphere as large as the smallest foreground class's median volume."""
+    volumes = [v for k, v in fp["class_volume_mm3_median"].items() if int(k) > 0]
+    return (6 * min(volumes) / math.pi) ** (1 / 3) if volumes else math.inf
+
+
+def _spacing_mm(values: Sequence[float]) -> tuple[float, ...]:
+    """Spacings rounded up to 0.1 micrometre (a readable plan; never finer than the rule's)."""
+    return tuple(math.ceil(float(v) * 1e4 - 1e-6) / 1e4 for v in values)
+
+
 def is_anisotropic(spacing: Sequence[float]) -> bool:
     """Thickest spacing more than ``ANISOTROPY_RATIO`` times the thinnest."""
     return max(spacing) > ANISOTROPY_RATIO * min(spacing)
@@ -409,6 +470,10 @@ def unresolved(cfg: Any) -> list[str]:
     return out
 
 
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value == AUTO
+
+
 def _pick(decisions: list[Decision], field: str, current: Any, auto_value: Any, why: str) -> Any:
     """Record ``field``: the rule's value when the config says 'auto', else the user's."""
     if isinstance(current, str) and current == AUTO:
@@ -437,10 +502,23 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]]) ->
     # what the data describe (seg.dataset_json.describe_data): shown and recorded with the plan
     out: list[Decision] = [Decision(*x) for x in getattr(cfg, "_description", ())]
     vol_dims = fp["spatial_dims"]
+    budget = d.patch_voxel_budget or PATCH_BUDGET[d.spatial_dims]
     spacing = plan_target_spacing(fp["spacings"], fp["sizes"])
     why = (f"median of {fp['num_cases']} cases ({_fmt(fp['median_spacing'])} mm)"
            + ("; anisotropic: thick axis from its 10th percentile" if tuple(spacing) != tuple(
                round(s, 6) for s in fp["median_spacing"]) else ""))
+    if d.spatial_dims == 3 and vol_dims == 3:
+        fine = resampled_median_size(fp["spacings"], fp["sizes"], spacing)
+        user_patch = None if _is_auto(d.patch_size) else d.patch_size
+        smallest = smallest_object_mm(fp)
+        coarse, patch = plan_context_spacing(spacing, fine, strides, budget, user_patch, smallest)
+        if coarse != tuple(spacing):
+            before = math.prod(patch) / math.prod(fine)
+            after = math.prod(patch) / math.prod(resampled_median_size(fp["spacings"], fp["sizes"], coarse))
+            why += (f"; x{max(c / s for c, s in zip(coarse, spacing)):.2f} coarser: a {_fmt(patch)} patch saw "
+                    f"{before:.0%} of the median case, now {after:.0%} (large field of view: >= "
+                    f"{CONTEXT_SHARE:.0%}, objects >= {MIN_OBJECT_VOXELS} voxels across)")
+            spacing = coarse
     target = _pick(out, "data.target_spacing", d.target_spacing, spacing, why)
     grid_spacing = tuple(target) if target is not None else tuple(fp["median_spacing"])
     median = resampled_median_size(fp["spacings"], fp["sizes"], grid_spacing)
@@ -449,7 +527,6 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]]) ->
                        "thickest axis (ties: closest to inferior-superior, "
                        f"orientation {'/'.join(fp['orientations'])})")
     in_plane = [a for a in range(vol_dims) if not (d.spatial_dims == 2 and vol_dims == 3 and a == slice_axis)]
-    budget = d.patch_voxel_budget or PATCH_BUDGET[d.spatial_dims]
     net_median = [median[a] for a in in_plane]
     patch = plan_patch_size(net_median, [grid_spacing[a] for a in in_plane], strides, budget)
     patch = _pick(out, "data.patch_size", d.patch_size, patch,

@@ -369,6 +369,30 @@ def test_3d_loader_foreground_ratio(tmp_path: Path) -> None:
     assert not seen.all()  # uniform patches mostly miss a tiny corner
 
 
+def test_lookalike_patches_centre_on_unlabelled_voxels_of_the_targets_intensity() -> None:
+    import torchio as tio
+
+    image = torch.zeros(1, 40, 40, 40)
+    label = torch.zeros(1, 40, 40, 40, dtype=torch.uint8)
+    image[0, 4:10, 4:10, 4:10] = torch.linspace(4.0, 6.0, 216).reshape(6, 6, 6)  # the target
+    label[0, 4:10, 4:10, 4:10] = 1
+    image[0, 28:34, 26:32, 30:36] = 5.2  # a look-alike far from it, unlabelled
+    image[0, 18:22, 30:34, 4:8] = 9.0    # bright, but not the target's intensity
+    subject = tio.Subject(image=tio.ScalarImage(tensor=image), label=tio.LabelMap(tensor=label))
+    sampler = ds.ForegroundSampler((8, 8, 8), foreground_ratio=0.0, lookalike_ratio=1.0)
+    torch.manual_seed(0)
+    for patch in sampler(subject, 20):
+        centre = patch["image"].data[0, 4, 4, 4]
+        assert centre == pytest.approx(5.2) and patch["label"].data[0, 4, 4, 4] == 0
+    # the ratio splits the non-foreground patches; without foreground there are no look-alikes
+    sampler = ds.ForegroundSampler((8, 8, 8), foreground_ratio=0.5, lookalike_ratio=0.5)
+    kinds = [("fg" if p["label"].data[0, 4, 4, 4] else "look" if p["image"].data[0, 4, 4, 4] == pytest.approx(5.2)
+              else "other") for p in sampler(subject, 400)]
+    assert 0.4 < kinds.count("fg") / 400 < 0.6 and 0.17 < kinds.count("look") / 400 < 0.33
+    empty = tio.Subject(image=tio.ScalarImage(tensor=image), label=tio.LabelMap(tensor=torch.zeros_like(label)))
+    assert all(p["image"].data.shape == (1, 8, 8, 8) for p in sampler(empty, 5))
+
+
 def test_3d_loader_volume_smaller_than_patch(tmp_path: Path) -> None:
     cases = [make_case(tmp_path, "small", label=spheres((6, 9, 7), radii=(2, 3)))]
     for b in first_batches(cases, data_cfg(3, patch_size=(16, 20, 12)), seed=0):

@@ -71,6 +71,29 @@ def test_patch_short_z_keeps_in_plane_large() -> None:
     assert patch == (80, 64, 24)
 
 
+def test_context_spacing_rule() -> None:
+    # a case the patch covers: the spacing stays
+    assert P.plan_context_spacing((1, 1, 1), (35, 50, 36), CONVNEXT, 131_072) == ((1.0, 1.0, 1.0), (40, 56, 40))
+    # a large field of view (the left-atrium task: 191x143x88 at 0.625 mm): the patch saw 5.5 %
+    spacing, patch = P.plan_context_spacing((0.625,) * 3, (191, 143, 88), CONVNEXT, 131_072)
+    fine = 191 * 143 * 88
+    assert math.prod(patch) < P.CONTEXT_SHARE * fine  # the reason for the rule
+    coarse = fine * (0.625 / spacing[0]) ** 3
+    assert math.prod(patch) >= P.CONTEXT_SHARE * coarse                       # now >= 25 %
+    assert math.prod(patch) < P.CONTEXT_SHARE * coarse * P.CONTEXT_STEP ** 3  # the first spacing that does
+    assert spacing[0] == spacing[1] == spacing[2] and patch == (64, 64, 32)
+    # thick slices: the thin in-plane axes grow first, the thick axis stays while it is > 2x them
+    spacing, patch = P.plan_context_spacing((0.627, 0.627, 5.0), (512, 512, 61), CONVNEXT, 131_072)
+    assert spacing[2] == 5.0 and 1.2 < spacing[0] == spacing[1] <= 2.5
+    # small targets bound it: the smallest object keeps MIN_OBJECT_VOXELS across
+    bounded, _ = P.plan_context_spacing((0.625,) * 3, (191, 143, 88), CONVNEXT, 131_072, None, 16.0)
+    assert bounded[0] <= 16.0 / P.MIN_OBJECT_VOXELS < bounded[0] * P.CONTEXT_STEP
+    assert P.plan_context_spacing((0.625,) * 3, (191, 143, 88), CONVNEXT, 131_072, None, 9.0)[0] == (0.625,) * 3
+    # a patch fixed by the user counts as it is; the growth is bounded
+    spacing, patch = P.plan_context_spacing((1, 1, 1), (1000, 1000, 1000), CONVNEXT, 131_072, (32, 32, 32))
+    assert patch == (32, 32, 32) and max(spacing) <= P.CONTEXT_MAX_FACTOR
+
+
 @pytest.mark.parametrize("median", [(7, 9, 5), (300, 40, 41), (61, 61, 61), (500, 500, 500)])
 def test_patch_properties(median) -> None:
     for budget in (32_768, 131_072):
@@ -192,6 +215,23 @@ def test_plan_hippocampus(tmp_path) -> None:
                         "data.spatial_dims=2")
     assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [40, 56]
     assert plan2d["train.batch_size"] == 14  # 32,768 // 2,240
+
+
+def test_plan_atrium_phantom_sees_context(tmp_path) -> None:
+    """The large-field demo: a 64x64x32 patch at 0.8 mm saw 12 % of the median view, so the plan
+    coarsens the grid until it sees a quarter of it (the failure of issue 20: a patch that sees too
+    little labels the look-alike blood pools as atrium)."""
+    plan, cfg = plan_of(DEMO / "atrium_phantom", "auto", tmp_path)
+    assert cfg.data.class_names == ["background", "left_atrium"]
+    spacing = plan["data.target_spacing"]
+    assert spacing[0] == spacing[1] == spacing[2] and 1.0 < spacing[0] < 1.1   # 0.8 mm x 1.30
+    assert plan["data.patch_size"] == [64, 64, 32] and plan["train.batch_size"] == 2
+    record = json.loads((tmp_path / "run" / "plan.json").read_text())
+    why = next(d["why"] for d in record["decisions"] if d["field"] == "data.target_spacing")
+    assert "large field of view" in why and "saw 12%" in why
+    fp = record["fingerprint"]
+    median = np.asarray(fp["median_size"]) * 0.8 / spacing[0]
+    assert 0.25 <= np.prod(plan["data.patch_size"]) / np.prod(median) < 0.25 * P.CONTEXT_STEP ** 3
 
 
 def test_plan_pyradiomics_mr_anisotropic(tmp_path) -> None:
