@@ -45,7 +45,7 @@ class DataConfig:
     mirror_axes: tuple[int, ...] | str = "auto"  # axes of the patch mirrored in augmentation (and --tta); (): off; auto: all
     rotation_axes: tuple[int, ...] | str = "auto"  # axes rotated about (augment_affine); auto: all, only the thick axis on anisotropic data
     foreground_ratio: float = 0.33               # share of patches centred on a labelled voxel (nnU-Net's 1/3); the rest anywhere, so the model sees what lies away from the target
-    lookalike_ratio: float = 0.0                 # share of the other patches centred on a look-alike: unlabelled, within the case's foreground intensities (5-95 %)
+    lookalike_ratio: float = 0.5                 # share of the other patches centred on a look-alike: an unlabelled voxel within the case's foreground intensities (5-95 %)
     samples_per_volume: int = 8                  # 3D: patches drawn from a volume each time it is loaded
     queue_length: int = 64                       # 3D: torchio queue length
     num_workers: int = 0                         # data-loading worker processes

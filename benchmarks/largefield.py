@@ -2,6 +2,7 @@
 """Large field of view: does a model label the target's look-alikes as target?
 
     python benchmarks/largefield.py --checkpoint runs/atrium_phantom/last.pt [--fold 0] [--tta]
+    python benchmarks/largefield.py --checkpoint runs/atrium_phantom/last.pt --test 20
     python benchmarks/largefield.py --generate 12 --iterations 400 [--set key=value ...]
     python benchmarks/largefield.py --single IMAGE LABEL --iterations 600 [--set key=value ...]
 
@@ -17,6 +18,10 @@ and prints per subject and in summary:
   pulmonary veins) holding at least ``--hit-mm3`` of predicted atrium more than 10 voxels from the
   true atrium (a boundary error at a join, such as the cut across a vein or the mitral valve, is not
   a hit).  The target for the default: none.
+
+``--test N`` evaluates instead N further subjects of the same generator that no fold holds (seeds
+``TEST_SEED`` onwards, written once to ``runs/bench_largefield/test``): a test set, as the 20 test
+volumes of the real task.
 
 The second form is the synthetic check: it generates ``--generate`` subjects (coarser and smaller than
 the demo so that it runs in minutes), trains the default configuration on all but a quarter of them for
@@ -49,6 +54,7 @@ from data.thorax import LOOKALIKES, STRUCTURES  # noqa: E402
 
 DEMO = ROOT / "data" / "demo" / "atrium_phantom"
 FAR_VOXELS, JOIN_MM = 10, 3.0
+TEST_SEED = 30_000  # the demo's subjects are seeds 20,000-20,039 (data/build_demo.py)
 
 
 def case_figures(pred: np.ndarray, ref: np.ndarray, anatomy: np.ndarray, spacing, hit_mm3: float) -> dict:
@@ -71,11 +77,33 @@ def case_figures(pred: np.ndarray, ref: np.ndarray, anatomy: np.ndarray, spacing
             "fp_mm3": float(fp.sum()) * voxel_mm3, "hits": hits}
 
 
-def evaluate(checkpoint: str, root: Path, cases: list[str], tta: bool, hit_mm3: float) -> list[dict]:
+def _bundle(checkpoint: str, monai_unet: bool = False):
+    """The checkpoint's inference bundle; ``monai_unet``: a run of ``benchmarks/quality.py``'s MONAI
+    UNet (its weights in the checkpoint, our preprocessing and patch)."""
+    from seg.checkpoint import load_checkpoint, load_for_inference
+
+    if not monai_unet:
+        return load_for_inference(checkpoint)
+    from benchmarks.quality import MonaiUNet
+    from seg.checkpoint import InferenceBundle
+    from seg.preprocess import Preprocessing
+
+    ckpt = load_checkpoint(checkpoint)
+    model = MonaiUNet(int(ckpt["spatial_dims"]), int(ckpt["in_channels"]), len(ckpt["class_names"]))
+    model.load_state_dict(ckpt["model"])
+    return InferenceBundle(model=model.eval(), spatial_dims=int(ckpt["spatial_dims"]),
+                           patch_size=tuple(ckpt["patch_size"]), slice_axis=ckpt.get("slice_axis"),
+                           preprocessing=Preprocessing.from_dict(ckpt["preprocessing"]),
+                           class_names=list(ckpt["class_names"]), in_channels=int(ckpt["in_channels"]),
+                           mirror_axes=tuple(ckpt["mirror_axes"]))
+
+
+def evaluate(checkpoint: str, root: Path, cases: list[str], tta: bool, hit_mm3: float,
+             monai_unet: bool = False) -> list[dict]:
     from seg import io
     from seg.predict import Predictor
 
-    predictor = Predictor.from_checkpoint(checkpoint, tta=tta)
+    predictor = Predictor(_bundle(checkpoint, monai_unet), tta=tta)
     rows = []
     for case in cases:
         t0 = time.time()
@@ -106,13 +134,17 @@ def report(rows: list[dict]) -> None:
           f"{sum(bool(r['hits']) for r in rows)} of {len(rows)} subjects")
 
 
-def generate(root: Path, n: int, spacing: float, seed: int = 90_000) -> list[str]:
-    """``n`` phantom subjects under ``root`` (imagesTr, labelsTr, anatomyTr, dataset.json)."""
+def generate(root: Path, n: int, spacing: float = 0.8, seed: int = 90_000) -> list[str]:
+    """``n`` phantom subjects under ``root`` (imagesTr, labelsTr, anatomyTr, dataset.json); the
+    first quarter are the validation cases (returned)."""
     from data.build_demo import PHANTOM_DATASET, write_array
     from data.thorax import make_subject
 
-    shutil.rmtree(root, ignore_errors=True)
     names = [f"atrium_{i:03d}" for i in range(n)]
+    marker = root / f".generated_{n}_{spacing}_{seed}"
+    if marker.exists():
+        return names[:max(1, n // 4)]
+    shutil.rmtree(root, ignore_errors=True)
     for i, name in enumerate(names):
         s = make_subject(seed + i, spacing=spacing)
         for sub, array in (("imagesTr", s.image), ("labelsTr", s.label), ("anatomyTr", s.anatomy)):
@@ -120,6 +152,7 @@ def generate(root: Path, n: int, spacing: float, seed: int = 90_000) -> list[str
     (root / "dataset.json").write_text(json.dumps({**PHANTOM_DATASET, "numTraining": n}))
     n_val = max(1, n // 4)
     (root / "splits_final.json").write_text(json.dumps([{"train": names[n_val:], "val": names[:n_val]}]))
+    marker.touch()
     return names[:n_val]
 
 
@@ -158,10 +191,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", help="a trained model (evaluate it on the demo's validation fold)")
     ap.add_argument("--root", default=str(DEMO))
     ap.add_argument("--fold", type=int, default=0)
+    ap.add_argument("--test", type=int, default=0, help="evaluate N unseen generated subjects instead of the fold")
     ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--monai-unet", action="store_true", help="the checkpoint is quality.py's MONAI UNet")
     ap.add_argument("--hit-mm3", type=float, default=50.0, help="predicted volume that makes a look-alike hit")
     ap.add_argument("--generate", type=int, default=0, help="synthetic check: generate this many subjects")
-    ap.add_argument("--spacing", type=float, default=1.2, help="synthetic check: voxel size (mm)")
+    ap.add_argument("--spacing", type=float, default=0.8, help="synthetic check: voxel size (mm)")
     ap.add_argument("--iterations", type=int, default=400)
     ap.add_argument("--out", default="runs/bench_largefield")
     ap.add_argument("--single", nargs=2, metavar=("IMAGE", "LABEL"), help="one real scan: train and check on it")
@@ -185,9 +220,14 @@ def main() -> None:
     else:
         if not args.checkpoint:
             ap.error("give --checkpoint, or --generate N")
-        root = Path(args.root)
-        val = json.loads((root / "splits_final.json").read_text())[args.fold]["val"]
-        rows = evaluate(args.checkpoint, root, val, args.tta, args.hit_mm3)
+        if args.test:
+            root = Path("runs/bench_largefield/test")
+            generate(root, args.test, seed=TEST_SEED)
+            val = [f"atrium_{i:03d}" for i in range(args.test)]
+        else:
+            root = Path(args.root)
+            val = json.loads((root / "splits_final.json").read_text())[args.fold]["val"]
+        rows = evaluate(args.checkpoint, root, val, args.tta, args.hit_mm3, args.monai_unet)
     report(rows)
 
 

@@ -71,6 +71,18 @@ def test_patch_short_z_keeps_in_plane_large() -> None:
     assert patch == (80, 64, 24)
 
 
+def test_class_thickness_closed_forms() -> None:
+    slab = np.zeros((40, 40, 40), int)
+    slab[:, :, 10:14] = 1  # 4 thick; the array's edges count as surface too
+    assert P.class_thickness(slab, (1, 1, 1))["1"] == pytest.approx(2 * 6400 / (2 * 1600 + 4 * 160))
+    assert P.class_thickness(slab, (0.5, 0.5, 2.0))["1"] == pytest.approx(
+        2 * 6400 * 0.5 / (2 * 1600 * 0.25 + 4 * 160 * 1.0))
+    z, y, x = np.mgrid[:80, :80, :80]
+    ball = ((z - 40) ** 2 + (y - 40) ** 2 + (x - 40) ** 2 < 30 ** 2).astype(int)
+    t = P.class_thickness(ball, (1, 1, 1))["1"]
+    assert 60 / 3 / 1.5 * 0.95 < t < 60 / 3  # d/3 on the true surface; faces overcount it (<= 1.5x)
+
+
 def test_context_spacing_rule() -> None:
     # a case the patch covers: the spacing stays
     assert P.plan_context_spacing((1, 1, 1), (35, 50, 36), CONVNEXT, 131_072) == ((1.0, 1.0, 1.0), (40, 56, 40))
@@ -81,14 +93,14 @@ def test_context_spacing_rule() -> None:
     coarse = fine * (0.625 / spacing[0]) ** 3
     assert math.prod(patch) >= P.CONTEXT_SHARE * coarse                       # now >= 25 %
     assert math.prod(patch) < P.CONTEXT_SHARE * coarse * P.CONTEXT_STEP ** 3  # the first spacing that does
-    assert spacing[0] == spacing[1] == spacing[2] and patch == (64, 64, 32)
+    assert spacing[0] == spacing[1] == spacing[2] and math.prod(patch) <= 131_072
     # thick slices: the thin in-plane axes grow first, the thick axis stays while it is > 2x them
     spacing, patch = P.plan_context_spacing((0.627, 0.627, 5.0), (512, 512, 61), CONVNEXT, 131_072)
     assert spacing[2] == 5.0 and 1.2 < spacing[0] == spacing[1] <= 2.5
-    # small targets bound it: the smallest object keeps MIN_OBJECT_VOXELS across
-    bounded, _ = P.plan_context_spacing((0.625,) * 3, (191, 143, 88), CONVNEXT, 131_072, None, 16.0)
-    assert bounded[0] <= 16.0 / P.MIN_OBJECT_VOXELS < bounded[0] * P.CONTEXT_STEP
-    assert P.plan_context_spacing((0.625,) * 3, (191, 143, 88), CONVNEXT, 131_072, None, 9.0)[0] == (0.625,) * 3
+    # thin classes bound it: the thinnest stays MIN_THICKNESS_VOXELS thick
+    bounded, _ = P.plan_context_spacing((0.625,) * 3, (191, 143, 88), CONVNEXT, 131_072, None, 4.0)
+    assert bounded[0] <= 4.0 / P.MIN_THICKNESS_VOXELS < bounded[0] * P.CONTEXT_STEP
+    assert P.plan_context_spacing((0.625,) * 3, (191, 143, 88), CONVNEXT, 131_072, None, 2.4)[0] == (0.625,) * 3
     # a patch fixed by the user counts as it is; the growth is bounded
     spacing, patch = P.plan_context_spacing((1, 1, 1), (1000, 1000, 1000), CONVNEXT, 131_072, (32, 32, 32))
     assert patch == (32, 32, 32) and max(spacing) <= P.CONTEXT_MAX_FACTOR
@@ -189,6 +201,12 @@ def plan_of(root: Path, classes: list[str], tmp: Path, *sets: str) -> tuple[dict
 
 def test_plan_mni_slabs(tmp_path) -> None:
     plan, cfg = plan_of(DEMO / "mni152", ["bg", "gm", "wm"], tmp_path, "data.val_images_dir='imagesVal'")
+    # the patch sees 15 % of a slab, but the cortical ribbon and white-matter strands are 2-4 mm
+    # thick: the grid that resolves them is kept
+    record = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert P.thinnest_class_mm(record["fingerprint"]) < P.MIN_THICKNESS_VOXELS * 1.0
+    why = next(d["why"] for d in record["decisions"] if d["field"] == "data.target_spacing")
+    assert "kept although the patch sees 15%" in why
     assert plan["data.target_spacing"] == [1.0, 1.0, 1.0]
     assert plan["data.patch_size"] == [64, 64, 32]
     # skull-stripped slabs: half of each slab's box is zero outside the brain -> non-zero statistics
@@ -224,21 +242,28 @@ def test_plan_atrium_phantom_sees_context(tmp_path) -> None:
     plan, cfg = plan_of(DEMO / "atrium_phantom", "auto", tmp_path)
     assert cfg.data.class_names == ["background", "left_atrium"]
     spacing = plan["data.target_spacing"]
-    assert spacing[0] == spacing[1] == spacing[2] and 1.0 < spacing[0] < 1.1   # 0.8 mm x 1.30
-    assert plan["data.patch_size"] == [64, 64, 32] and plan["train.batch_size"] == 2
+    assert spacing[0] == spacing[1] == spacing[2] and 1.3 < spacing[0] < 1.4   # 0.8 mm x 1.70
+    assert np.prod(plan["data.patch_size"]) <= 131_072 and plan["train.batch_size"] == 2
     record = json.loads((tmp_path / "run" / "plan.json").read_text())
     why = next(d["why"] for d in record["decisions"] if d["field"] == "data.target_spacing")
-    assert "large field of view" in why and "saw 12%" in why
+    assert "large field of view" in why and "saw 12%" in why  # 64x64x32 of 129x109x80
     fp = record["fingerprint"]
+    assert P.thinnest_class_mm(fp) / spacing[0] >= P.MIN_THICKNESS_VOXELS   # ~5.5 mm thick
     median = np.asarray(fp["median_size"]) * 0.8 / spacing[0]
-    assert 0.25 <= np.prod(plan["data.patch_size"]) / np.prod(median) < 0.25 * P.CONTEXT_STEP ** 3
+    share = np.prod(plan["data.patch_size"]) / np.prod(median)
+    assert P.CONTEXT_SHARE <= share < P.CONTEXT_SHARE * P.CONTEXT_STEP ** 3 * 1.1
 
 
 def test_plan_pyradiomics_mr_anisotropic(tmp_path) -> None:
     root = _link_cases(DEMO / "pyradiomics", tmp_path / "mr", {"brain1": "brain1", "brain2": "brain2",
                                                                "brain2b": "brain2"})
     plan, _ = plan_of(root, ["bg", "tumour"], tmp_path)
-    assert plan["data.target_spacing"] == pytest.approx([0.78125, 0.78125, 6.5])
+    # the head fills a large view and the tumour is small: the thin in-plane axes grow for context
+    # (the thick axis stays), until the thinnest class (3.85 mm) would be < 4 voxels thick
+    record = json.loads((tmp_path / "run" / "plan.json").read_text())
+    cap = P.thinnest_class_mm(record["fingerprint"]) / P.MIN_THICKNESS_VOXELS
+    target = plan["data.target_spacing"]
+    assert target[2] == 6.5 and target[0] == target[1] and 0.78125 < target[0] <= cap < target[0] * 1.03
     assert plan["data.rotation_axes"] == [2]           # in-plane only across 6.5 mm slices
     assert plan["data.normalization"] == "zscore"      # MR T1 with the head filling the view
     patch = plan["data.patch_size"]
