@@ -278,6 +278,8 @@ class ValidationClock:
         return self.windows * (self.train_s / max(1, self.steps)) / (2 * self.batch_size)
 
     def due(self) -> bool:
+        if self.share >= 1.0:  # every checkpoint
+            return True
         return self.val_s + self.expected() <= self.share * self.train_s
 
     def add_validation(self, seconds: float) -> None:

@@ -65,7 +65,7 @@ def tiny_sets(ds: Path, out: Path, iterations: int = 2) -> list[str]:
             "data.patch_size=(32, 32, 32)", "data.samples_per_volume=2", "data.queue_length=4",
             "data.augment_affine=False", "model.pointrend.train_num_points=64",
             "model.pointrend.subdivision_num_points=256", "model.pointrend.fc_dim=16",
-            f"train.iterations={iterations}", "train.val_every=2", "train.batch_size=2",
+            f"train.iterations={iterations}", "train.val_every=2", "train.val_share=1.0", "train.batch_size=2",
             "train.warmup_iterations=1", f"train.output_dir='{out}'"]
 
 

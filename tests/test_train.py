@@ -53,7 +53,7 @@ def tiny_sets(root: Path, out: Path, dims: int, iterations: int = 3) -> list[str
         f"model.pointrend.train_num_points={256 if dims == 3 else 128}",
         f"model.pointrend.subdivision_num_points={2048 if dims == 3 else 512}",
         "model.pointrend.fc_dim=32",
-        f"train.iterations={iterations}", "train.val_every=2", "train.batch_size=2",
+        f"train.iterations={iterations}", "train.val_every=2", "train.val_share=1.0", "train.batch_size=2",
         "train.warmup_iterations=1", f"train.output_dir='{out}'", "train.lr=1e-3",
     ]
 
