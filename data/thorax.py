@@ -150,11 +150,19 @@ def _exit_distance(centre: Sequence[float], radii: Sequence[float], start: Seque
 
 
 def _anatomy(space: Space, rng: np.random.Generator) -> np.ndarray:
-    """The structure-id map of one subject (``STRUCTURES``)."""
-    S = STRUCTURES
-    ids = np.full(space.shape, S["body"], np.uint8)
-    # ---- context: chest wall fat, lungs, spine, oesophagus
-    p = space.p
+    """The structure-id map of one subject (``STRUCTURES``); the helpers draw from ``rng`` in order."""
+    ids = np.full(space.shape, STRUCTURES["body"], np.uint8)
+    _context(space, rng, ids)
+    heart = _heart(space, rng, ids)
+    vessels = _great_vessels(rng, heart["la"])
+    _blood(space, rng, ids, heart, vessels)
+    _target(space, rng, ids, heart["la"])
+    return ids
+
+
+def _context(space: Space, rng: np.random.Generator, ids: np.ndarray) -> None:
+    """Chest wall fat, lungs, spine and oesophagus."""
+    S, p = STRUCTURES, space.p
     ids[p[..., 1] < rng.uniform(-66, -58)] = S["fat"]
     lung_y = rng.uniform(14, 22)
     for side in (-1, 1):
@@ -162,21 +170,33 @@ def _anatomy(space: Space, rng: np.random.Generator) -> np.ndarray:
     spine = _jitter(rng, [0, 70], 3)
     ids[space.cylinder_z(spine[0], spine[1], rng.uniform(14, 18))] = S["bone"]
     ids[space.cylinder_z(*_jitter(rng, [-4, 46], 2), rng.uniform(5, 7))] = S["oesophagus"]
-    # ---- the heart: chambers with walls (myocardium), drawn outside in
-    la_c, la_r = _jitter(rng, [2, 22, 8], 3), _radii(rng, [24, 13, 15])
+
+
+def _heart(space: Space, rng: np.random.Generator, ids: np.ndarray) -> dict[str, tuple]:
+    """The chambers' walls (myocardium) and the epicardial fat; returns each chamber's
+    (centre, radii, axis)."""
+    S = STRUCTURES
+    la = (_jitter(rng, [2, 22, 8], 3), _radii(rng, [24, 13, 15]), (1, 0, 0))
     lv_c, lv_ax, lv_r = _jitter(rng, [20, -12, -12], 3), _jitter(rng, [1, -0.9, -0.6], 0.2), _radii(rng, [30, 18, 18])
     rv_c, rv_ax, rv_r = _jitter(rng, [-6, -31, -14], 3), _jitter(rng, [1, -0.2, -0.3], 0.2), _radii(rng, [30, 10, 18])
-    ra_c, ra_r = _jitter(rng, [-32, 0, 0], 3), _radii(rng, [17, 16, 20])
-    walls = (space.ellipsoid(lv_c, lv_r, lv_ax, grow=rng.uniform(8, 11))
-             | space.ellipsoid(rv_c, rv_r, rv_ax, grow=rng.uniform(3, 5))
-             | space.ellipsoid(ra_c, ra_r, grow=rng.uniform(2.5, 3.5))
-             | space.ellipsoid(la_c, la_r, grow=rng.uniform(2.5, 3.5)))
+    ra = (_jitter(rng, [-32, 0, 0], 3), _radii(rng, [17, 16, 20]), (1, 0, 0))
+    lv, rv = (lv_c, lv_r, lv_ax), (rv_c, rv_r, rv_ax)
+    walls = (space.ellipsoid(*lv, grow=rng.uniform(8, 11))
+             | space.ellipsoid(*rv, grow=rng.uniform(3, 5))
+             | space.ellipsoid(*ra, grow=rng.uniform(2.5, 3.5))
+             | space.ellipsoid(*la, grow=rng.uniform(2.5, 3.5)))
     # epicardial fat: a patchy shell around the heart (as bright as blood in many MR sequences)
-    shell = space.ellipsoid(lv_c, lv_r, lv_ax, grow=16) | space.ellipsoid(rv_c, rv_r, rv_ax, grow=9)
+    shell = space.ellipsoid(*lv, grow=16) | space.ellipsoid(*rv, grow=9)
     patches = ndimage.gaussian_filter(rng.standard_normal(space.shape).astype(np.float32), 4) > 0.02
     ids[shell & ~walls & patches & (ids == S["body"])] = S["fat"]
     ids[walls] = S["myocardium"]
-    # ---- great vessels (look-alikes), their walls thin
+    return {"la": la, "lv": lv, "rv": rv, "ra": ra}
+
+
+def _great_vessels(rng: np.random.Generator, la: tuple) -> list[tuple[list, float, str]]:
+    """Centre lines, radii and structure names of the great vessels (look-alikes); the right
+    pulmonary artery passes over the atrium's roof."""
+    la_c, la_r, _ = la
     up = rng.uniform(-4, 4)
     aorta_desc = [[24 + up, 50, 60], [24 + up, 50, -70]]
     aorta_asc = [[8, -12, 2], [4, -8, 30], [10, 10, 46 + up], [24 + up, 44, 42], [24 + up, 50, 30]]
@@ -187,23 +207,34 @@ def _anatomy(space: Space, rng: np.random.Generator) -> np.ndarray:
            _jitter(rng, [-70, 18, 28], 6)]
     svc = [[-30, 4, 70], _jitter(rng, [-32, 2, 14], 2)]
     ivc = [[-24, 12, -70], _jitter(rng, [-30, 4, -14], 2)]
-    vessels = [(aorta_desc, rng.uniform(9.5, 12), "aorta_descending"),
-               (aorta_asc, rng.uniform(11, 14), "aorta_ascending"),
-               (pulm_trunk, rng.uniform(11, 14), "pulmonary_artery"),
-               (lpa, rng.uniform(8, 10), "pulmonary_artery"), (rpa, rng.uniform(8, 10), "pulmonary_artery"),
-               (svc, rng.uniform(8, 10), "venae_cavae"), (ivc, rng.uniform(10, 13), "venae_cavae")]
+    return [(aorta_desc, rng.uniform(9.5, 12), "aorta_descending"),
+            (aorta_asc, rng.uniform(11, 14), "aorta_ascending"),
+            (pulm_trunk, rng.uniform(11, 14), "pulmonary_artery"),
+            (lpa, rng.uniform(8, 10), "pulmonary_artery"), (rpa, rng.uniform(8, 10), "pulmonary_artery"),
+            (svc, rng.uniform(8, 10), "venae_cavae"), (ivc, rng.uniform(10, 13), "venae_cavae")]
+
+
+def _blood(space: Space, rng: np.random.Generator, ids: np.ndarray, heart: dict[str, tuple],
+           vessels: list[tuple[list, float, str]]) -> None:
+    """Vessel walls, then the blood of the chambers, the valves joining them, and the vessels."""
+    S = STRUCTURES
     for points, radius, _ in vessels:
         ids[space.tube(points, radius, grow=1.5)] = S["myocardium"]
-    # ---- blood: chambers, valves (joining them), vessels
-    ids[space.ellipsoid(lv_c, lv_r, lv_ax)] = S["left_ventricle"]
+    (la_c, _, _), (lv_c, *_), (rv_c, *_), (ra_c, *_) = heart["la"], heart["lv"], heart["rv"], heart["ra"]
+    ids[space.ellipsoid(*heart["lv"])] = S["left_ventricle"]
     ids[space.tube([la_c, lv_c], rng.uniform(9, 12))] = S["left_ventricle"]     # mitral inflow
-    ids[space.ellipsoid(rv_c, rv_r, rv_ax)] = S["right_ventricle"]
+    ids[space.ellipsoid(*heart["rv"])] = S["right_ventricle"]
     ids[space.tube([ra_c, rv_c], rng.uniform(9, 12))] = S["right_ventricle"]    # tricuspid inflow
-    ids[space.ellipsoid(ra_c, ra_r)] = S["right_atrium"]
+    ids[space.ellipsoid(*heart["ra"])] = S["right_atrium"]
     for points, radius, name in vessels:
         ids[space.tube(points, radius)] = S[name]
+
+
+def _target(space: Space, rng: np.random.Generator, ids: np.ndarray, la: tuple) -> None:
+    """The left atrium with its appendage and the first ``STUB_MM`` of its pulmonary veins (the
+    rest of each vein is a look-alike)."""
+    S, (la_c, la_r, _) = STRUCTURES, la
     blood = [S[n] for n in LOOKALIKES]
-    # ---- the target: atrium, appendage, pulmonary veins (stub labelled as atrium, the rest not)
     atrium = space.ellipsoid(la_c, la_r)
     laa_c = [la_c[0] + la_r[0] * 0.85, la_c[1] - la_r[1] * 1.0, la_c[2] + la_r[2] * 0.6]
     atrium |= space.ellipsoid(laa_c, _radii(rng, [12, 5.5, 5.5]), _jitter(rng, [1, -1, 0.4], 0.3))
@@ -212,13 +243,11 @@ def _anatomy(space: Space, rng: np.random.Generator) -> np.ndarray:
             start = [la_c[0] + side * la_r[0] * 0.7, la_c[1] + la_r[1] * 0.4, la_c[2] + up_down * la_r[2] * 0.5]
             direction = _unit(_jitter(rng, [side, 0.65, 0.35 * up_down], 0.2))
             end = np.asarray(start) + direction * rng.uniform(38, 50)
-            radius = rng.uniform(4.5, 6.5)
-            vein = space.tube([start, end], radius)
+            vein = space.tube([start, end], rng.uniform(4.5, 6.5))
             ids[vein & ~np.isin(ids, blood)] = S["pulmonary_veins"]
             stub = _exit_distance(la_c, la_r, start, direction) + STUB_MM
             atrium |= vein & (space.along(start, direction) <= stub)
     ids[atrium] = S["left_atrium"]
-    return ids
 
 
 def _intensity(ids: np.ndarray, rng: np.random.Generator, spacing: float) -> np.ndarray:
