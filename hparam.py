@@ -39,7 +39,7 @@ class DataConfig:
     patch_size: tuple[int, ...] | str = "auto"   # training patch (X, Y, Z) in 3D, the two in-plane axes in 2D; auto: median case, rounded up to the model's strides, within the budget
     patch_voxel_budget: int | None = None        # patch budget in voxels; None: 131072 in 3D (64x64x32), 32768 in 2D
     slice_axis: int | str = "auto"               # 2D: array axis of (X, Y, Z) volumes sliced along; auto: the thickest (ties: axial)
-    normalization: str | list[str] = "auto"      # 'zscore', 'zscore_nonzero', 'ct' (clip + z-score by training-set stats), 'window' (ct_window to [-1, 1]), 'none', or one per channel; auto: CT by HU range, non-zero masking by nnU-Net's crop rule
+    normalization: str | list[str] = "auto"      # 'zscore', 'zscore_nonzero', 'ct' (clip + z-score by training-set stats), 'window' (ct_window to [-1, 1]), 'none', 'rescale_to_0_1', 'rgb_to_0_1', or one per channel; auto: the scheme nnU-Net gives a dataset.json channel name (any other name: z-score), else CT by HU range; z-score masked to non-zero by nnU-Net's crop rule
     ct_window: tuple[float, float] = (-1000.0, 1000.0)   # HU window for normalization='window'
     intensity_stats: list[dict[str, float]] | None = None  # set by the plan: per-channel foreground mean/std/clip of the training set ('ct'); leave None
     mirror_axes: tuple[int, ...] | str = "auto"  # axes of the patch mirrored in augmentation (and --tta); (): off; auto: all

@@ -102,26 +102,41 @@ def split_from_file(cases: Sequence[Case], path: str | Path, fold: int) -> tuple
     ``splits_final.json``).
 
     Raises:
-        DataError: unreadable file, no such fold, a name with no case, a case in both lists.
+        DataError: one line naming the file: unreadable JSON (``seg.io.read_json``), no such fold, a
+            list that is not a list of case names (strings), a name twice in the fold, a name with no
+            case, an empty list.
     """
-    import json
-
     path = Path(path)
-    try:
-        folds = json.loads(path.read_text())
-        train_names, val_names = list(folds[fold]["train"]), list(folds[fold]["val"])
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read the split file ({type(exc).__name__}: {exc})", path) from None
-    except (IndexError, KeyError, TypeError):
-        n = len(folds) if isinstance(folds, list) else 0
-        raise DataError(f"has no fold {fold} with 'train' and 'val' lists ({n} fold(s); set data.fold)",
-                        path) from None
+    folds = io.read_json(path, "the split file")
+    if not isinstance(folds, list):
+        raise DataError('must hold a JSON list of folds, each {"train": [case names], "val": [case names]}', path)
+    if not 0 <= fold < len(folds) or not isinstance(folds[fold], dict):
+        raise DataError(f"has no fold {fold} with 'train' and 'val' lists ({len(folds)} fold(s); set data.fold)",
+                        path)
+    train_names, val_names = (_split_names(folds[fold], key, fold, path) for key in ("train", "val"))
+    seen: dict[str, str] = {}
+    for key, names in (("train", train_names), ("val", val_names)):
+        for name in names:
+            if name in seen:
+                where = f"twice in '{key}'" if seen[name] == key else "in both 'train' and 'val'"
+                raise DataError(f"fold {fold} lists case {name!r} {where}: each case once per fold", path)
+            seen[name] = key
     by_name = {c.name: c for c in cases}
-    missing = [n for n in train_names + val_names if n not in by_name]
-    if missing:
-        raise DataError(f"names {len(missing)} case(s) not found in the image folder, e.g. {missing[0]!r}", path)
-    both = sorted(set(train_names) & set(val_names))
-    if both or not val_names or not train_names:
-        raise DataError(f"fold {fold} needs disjoint, non-empty train and val lists"
-                        + (f" ({both[0]!r} is in both)" if both else ""), path)
+    for key, names in (("train", train_names), ("val", val_names)):
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise DataError(f"fold {fold} '{key}' names {len(missing)} case(s) that are not among the "
+                            f"{len(by_name)} cases found (images with labels), e.g. {missing[0]!r}", path)
     return [by_name[n] for n in sorted(train_names)], [by_name[n] for n in sorted(val_names)]
+
+
+def _split_names(fold_dict: dict, key: str, fold: int, path: Path) -> list[str]:
+    """The non-empty list of case names under ``key`` of a fold; a DataError naming the file else."""
+    names = fold_dict.get(key)
+    if not isinstance(names, list) or not names:
+        raise DataError(f"fold {fold} needs a non-empty '{key}' list of case names, got "
+                        f"{io.short_repr(names)}", path)
+    bad = next((n for n in names if not isinstance(n, str)), None)
+    if bad is not None:
+        raise DataError(f"fold {fold} '{key}' holds {io.short_repr(bad)}: case names must be strings", path)
+    return names

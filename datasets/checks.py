@@ -12,7 +12,9 @@ from typing import Any, Mapping
 import numpy as np
 
 from seg import io
+from seg.dataset_json import channel_normalization
 from seg.errors import DataError
+from seg.preprocess import check_intensities
 
 from datasets.arrays import check_channels, remap_labels
 
@@ -25,7 +27,8 @@ def check_case(case: io.Case, num_classes: int, label_remap: Mapping[int, int] |
     and image with the same number of spatial axes, size, spacing, origin and direction
     (``seg.io.check_geometry``); integer label values in [0, num_classes) after ``label_remap``
     (0/255 masks get the remap to use).  With ``data_cfg`` also the channel count and
-    dimensionality against ``data.in_channels`` / ``data.spatial_dims``.
+    dimensionality against ``data.in_channels`` / ``data.spatial_dims``, and the intensities against
+    the range their normalisation takes (``seg.preprocess.check_intensities``: rgb_to_0_1).
 
     Raises:
         DataError: the first problem found, naming the file at fault.
@@ -36,6 +39,16 @@ def check_case(case: io.Case, num_classes: int, label_remap: Mapping[int, int] |
     check_label_values(label, num_classes, label_remap, case.label)
     if data_cfg is not None:
         check_channels(image.shape[0], label_meta.spatial_dims, data_cfg, case.image)
+        check_intensities(image, _schemes(data_cfg, image.shape[0]), case.image)
+
+
+def _schemes(data_cfg: Any, channels: int) -> list[str | None]:
+    """Each channel's normalisation as far as known before the plan: ``data.normalization``, or
+    (when 'auto') the scheme a ``dataset.json`` channel name means."""
+    norm = data_cfg.normalization
+    if isinstance(norm, str) and norm == "auto":
+        return channel_normalization(getattr(data_cfg, "channel_names", None)) or []
+    return [norm] * channels if isinstance(norm, str) else list(norm)
 
 
 def label_values(label: np.ndarray) -> np.ndarray:

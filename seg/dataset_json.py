@@ -9,24 +9,27 @@ and the file pattern.  ``describe_data`` resolves the fields of ``hparam.DataCon
    order, with gaps) gives the class names in value order and the label values
    (``{"background": 0, "b": 3, "a": 1}`` -> classes background, a, b with values 0, 1, 3, i.e.
    ``data.label_remap={3: 2}``; outputs are written back in 0, 1, 3); ``channel_names`` the number
-   of channels and their names (a channel named ``CT`` plans CT normalisation, ``noNorm`` none,
-   ``zscore`` z-scoring, as nnU-Net does); ``file_ending`` the file pattern (``*.nii.gz``).
+   of channels and their names, each meaning nnU-Net's normalisation for it
+   (``channel_normalization``: ``CT``, ``noNorm``, ``rescale_to_0_1``, ``rgb_to_0_1``; ``zscore`` and
+   every other name z-score); ``file_ending`` the file pattern (``*.nii.gz``).
    A value set in ``hparam.py`` or ``--set`` that disagrees with the file is a one-line
    ``ConfigError`` naming both (set ``data.dataset_json=None`` to ignore the file).
 2. **The data themselves**, without a ``dataset.json``: the class names are ``background`` and
    ``label_<value>`` for every other value found in the label maps (0/255 masks train as two
    classes and are written back as 0/255); the channel count is the first case's.
 
-``read_dataset_json`` refuses, in one line naming the file: unreadable JSON, missing keys, label
-values that are not distinct non-negative integers with background 0, region-based labels (lists of
-values) and nnU-Net's ``ignore`` label (not supported), channel keys that are not 0..C-1, a
-``file_ending`` we do not read.
+``read_dataset_json`` refuses, in one line naming the file: unreadable JSON (``seg.io.read_json``:
+invalid, a key twice, nested too deeply), missing keys, label values that are not distinct integers
+from 0 (the background) to ``io.MAX_LABEL_VALUE`` (the largest value a written label map holds),
+region-based labels (lists of values) and nnU-Net's ``ignore`` label (not supported), channel keys
+that are not 0..C-1, channel names that are not strings, a ``file_ending`` we do not read.
+``describe_data`` also refuses label values found in the data, or mapped by ``data.label_remap``,
+above ``io.MAX_LABEL_VALUE``.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -37,8 +40,13 @@ from seg.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 AUTO = "auto"
-#: ``channel_names`` entries with a fixed normalisation (nnU-Net's names; anything else: the plan's rule)
-CHANNEL_NORMALIZATION = {"ct": "ct", "nonorm": "none", "zscore": "zscore"}
+#: nnU-Net's ``channel_names`` values (compared case-insensitively, as nnU-Net does) and the scheme of
+#: ``seg.preprocess`` each one means; every other name means z-score (``ZSCORE``), as in nnU-Net
+CHANNEL_NORMALIZATION = {"ct": "ct", "nonorm": "none", "zscore": "zscore", "rescale_to_0_1": "rescale_to_0_1",
+                         "rgb_to_0_1": "rgb_to_0_1"}
+#: the scheme of a channel named anything else ("MRI", "T1", "ADC"): z-score, whose masking to the non-zero
+#: region the plan decides by nnU-Net's crop rule (``seg.plan.plan_normalization``)
+ZSCORE = "zscore"
 #: more distinct values than this in the label maps is not a label map (a scan in the label folder)
 MAX_DISCOVERED_CLASSES = 256
 
@@ -86,14 +94,6 @@ def remap_for(values: Sequence[int]) -> dict[int, int] | None:
     return remap or None
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    dup = next((k for k in keys if keys.count(k) > 1), None)
-    if dup is not None:
-        raise ValueError(f"key {dup!r} appears twice")
-    return dict(pairs)
-
-
 def read_dataset_json(path: str | Path) -> DatasetJson:
     """Read and check an nnU-Net ``dataset.json`` (module docstring).
 
@@ -101,10 +101,7 @@ def read_dataset_json(path: str | Path) -> DatasetJson:
         DataError: one line naming the file and the problem.
     """
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(), object_pairs_hook=_no_duplicates)
-    except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        raise DataError(f"cannot read dataset.json ({type(exc).__name__}: {exc})", path) from None
+    raw = io.read_json(path, "dataset.json")
     if not isinstance(raw, dict):
         raise DataError("dataset.json must hold a JSON object", path)
     missing = [k for k in ("labels", "channel_names", "file_ending") if k not in raw]
@@ -122,8 +119,12 @@ def read_dataset_json(path: str | Path) -> DatasetJson:
                         "not supported; give each label one integer value", path)
     bad = [n for n, v in labels.items() if isinstance(v, bool) or not isinstance(v, int) or v < 0]
     if bad:
-        raise DataError(f"label {bad[0]!r} has value {labels[bad[0]]!r}: label values must be integers >= 0",
-                        path)
+        raise DataError(f"label {bad[0]!r} has value {io.short_repr(labels[bad[0]])}: label values must be "
+                        "integers >= 0", path)
+    big = [n for n, v in labels.items() if v > io.MAX_LABEL_VALUE]
+    if big:
+        raise DataError(f"label {big[0]!r} has value {labels[big[0]]}: the label maps we write hold at most "
+                        f"{io.MAX_LABEL_VALUE} (uint16)", path)
     pairs = sorted(((str(n), int(v)) for n, v in labels.items()), key=lambda p: p[1])
     values = [v for _, v in pairs]
     if len(set(values)) != len(values):
@@ -135,16 +136,21 @@ def read_dataset_json(path: str | Path) -> DatasetJson:
                         f"{values[0]})", path)
     if not isinstance(channels, dict) or not channels:
         raise DataError("'channel_names' must map channel indices '0', '1', ... to names", path)
+    names = [k for k, v in channels.items() if not isinstance(v, str)]
+    if names:
+        raise DataError(f"'channel_names' entry {names[0]!r} is {io.short_repr(channels[names[0]])}: channel "
+                        "names must be strings", path)
     try:
-        order = sorted((int(k), str(v)) for k, v in channels.items())
+        order = sorted((int(k), v) for k, v in channels.items())
     except ValueError:
-        raise DataError(f"'channel_names' keys must be channel indices, got {sorted(channels)}", path) from None
+        raise DataError(f"'channel_names' keys must be channel indices, got {io.short_repr(sorted(channels))}",
+                        path) from None
     if [k for k, _ in order] != list(range(len(order))):
         raise DataError(f"'channel_names' keys must be 0..{len(order) - 1}, got "
                         f"{', '.join(str(k) for k, _ in order)}", path)
     if not isinstance(ending, str) or not ending.startswith(".") or ending.lower() not in io.IMAGE_EXTENSIONS:
-        raise DataError(f"'file_ending' {ending!r} is not a format we read ({', '.join(io.IMAGE_EXTENSIONS)})",
-                        path)
+        raise DataError(f"'file_ending' {io.short_repr(ending)} is not a format we read "
+                        f"({', '.join(io.IMAGE_EXTENSIONS)})", path)
     n = raw.get("numTraining")
     return DatasetJson(path, tuple(pairs), tuple(v for _, v in order), ending,
                        int(n) if isinstance(n, int) and not isinstance(n, bool) else None)
@@ -225,7 +231,8 @@ def discover_classes(label_paths: Sequence[Path], progress: bool = False) -> tup
     and ``label_<value>`` for every other value, in value order.
 
     Raises:
-        DataError: a negative value, or more than ``MAX_DISCOVERED_CLASSES`` distinct values.
+        DataError: a negative value, one above ``io.MAX_LABEL_VALUE``, or more than
+            ``MAX_DISCOVERED_CLASSES`` distinct values.
     """
     from tqdm import tqdm
 
@@ -239,6 +246,9 @@ def discover_classes(label_paths: Sequence[Path], progress: bool = False) -> tup
         if values.size and int(values[0]) < 0:
             raise DataError(f"has the negative label value {int(values[0])}: label values must be >= 0 "
                             "(or name the classes in data.class_names with a data.label_remap)", path)
+        if values.size and int(values[-1]) > io.MAX_LABEL_VALUE:
+            raise DataError(f"has the label value {int(values[-1])}: the label maps we write hold at most "
+                            f"{io.MAX_LABEL_VALUE} (uint16); renumber the labels", path)
         found.update(int(v) for v in values)
         if len(found) > MAX_DISCOVERED_CLASSES:
             raise DataError(f"the label maps hold more than {MAX_DISCOVERED_CLASSES} distinct values (up to "
@@ -248,11 +258,13 @@ def discover_classes(label_paths: Sequence[Path], progress: bool = False) -> tup
     return ["background"] + [f"label_{v}" for v in values[1:]], values
 
 
-def channel_normalization(channel_names: Sequence[str] | None) -> list[str | None] | None:
-    """Per channel, the normalisation its name fixes (nnU-Net's 'CT', 'noNorm', 'zscore'), else None."""
+def channel_normalization(channel_names: Sequence[str] | None) -> list[str] | None:
+    """Per channel, the normalisation scheme its ``dataset.json`` name means in nnU-Net: 'CT' -> 'ct',
+    'noNorm' -> 'none', 'rescale_to_0_1', 'rgb_to_0_1', and 'zscore' or any other name -> 'zscore'
+    (names compared case-insensitively); None when no channel is named (no ``dataset.json``)."""
     if not channel_names:
         return None
-    return [CHANNEL_NORMALIZATION.get(str(n).strip().lower()) for n in channel_names]
+    return [CHANNEL_NORMALIZATION.get(str(n).casefold(), ZSCORE) for n in channel_names]
 
 
 def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.Case]],
@@ -268,7 +280,8 @@ def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.
         progress: show a bar while reading label values.
 
     Raises:
-        ConfigError: a contradiction with ``dataset.json`` (``apply_dataset_json``).
+        ConfigError: a contradiction with ``dataset.json`` (``apply_dataset_json``), a
+            ``data.label_remap`` mapping a value above ``io.MAX_LABEL_VALUE`` to a class.
         DataError: a bad ``dataset.json`` or label file.
     """
     out = copy.deepcopy(cfg)
@@ -293,11 +306,23 @@ def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.
         found_classes = f"the label values found in {len(cases)} cases (name them in data.class_names)"
     else:
         found_classes = None
+    _check_written_values(d)
     channels_found = _is_auto(d.in_channels)
     if channels_found:
         d.in_channels = io.channel_count(cases[0])
     out._description = _description(d, before, dj, found_classes, channels_found)
     return out
+
+
+def _check_written_values(d: Any) -> None:
+    """Every class's label value (``data.label_remap`` inverted) fits the label maps we write; a
+    ConfigError naming the remap entry before the run, not an error at the first output."""
+    from seg.checkpoint import label_values_from
+
+    top = max(label_values_from(d.label_remap, len(d.class_names)))
+    if top > io.MAX_LABEL_VALUE:
+        raise ConfigError(f"data.label_remap={d.label_remap!r} maps label value {top} to a class: the label "
+                          f"maps we write hold at most {io.MAX_LABEL_VALUE} (uint16); renumber the labels")
 
 
 #: the data fields ``describe_data`` resolves, in the order the plan table shows them

@@ -30,6 +30,11 @@ Reading (``read_image``, ``read_case``, ``read_label``) refuses, in one ``DataEr
 file: unreadable files, NaN or infinite voxels (any format; NIfTI files are also read with nibabel,
 because SimpleITK may read a truncated NIfTI without an error and turns its NaN voxels into 0),
 channel files on different grids, label maps with non-integer values or differing vector components.
+Finite means finite after the header's scaling and in float32 (the type training and inference
+compute in): a NIfTI ``scl_slope`` / ``scl_inter`` or a DICOM rescale slope / intercept that scales the
+stored values to infinity is refused naming the fields (and, for DICOM, the slice), float64 voxels
+beyond float32's range are refused in every format; NIfTI scalings the readers disagree on
+(``_check_nifti``) and DICOM rescale values that are not finite numbers are refused too.
 
 One geometry tolerance (``check_geometry``) for every comparison of two grids (image and label,
 channel and channel, prediction and label): headers store floats, often float32, so spacing may
@@ -46,9 +51,11 @@ from __future__ import annotations
 import collections
 import dataclasses
 import fnmatch
+import json
 import logging
 import os
 import re
+import reprlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -392,8 +399,9 @@ def read_image(path: str | os.PathLike, verify: bool = True) -> tuple[np.ndarray
         arr = sitk.GetArrayFromImage(img)
     except RuntimeError as e:  # SimpleITK reports every I/O problem as RuntimeError
         raise DataError(f"cannot read image ({_first_line(e)})", path) from None
-    if verify:  # SimpleITK turns NaN voxels of NIfTI files into 0: check what nibabel reads
-        _check_finite(_nifti_data(path) if _is_nifti(path) else arr, path)
+    if verify:  # SimpleITK turns NaN voxels of NIfTI files into 0: check what nibabel reads too
+        scaling = _check_nifti(path) if _is_nifti(path) else ""
+        _check_finite(arr, path, scaling)
     return _channels_first(img, arr), ImageMeta.from_sitk(img, path)
 
 
@@ -493,8 +501,11 @@ def read_dicom_series(files: Sequence[str | os.PathLike], verify: bool = True
         img = sitk.Extract(img, (*img.GetSize()[:2], 0), (0, 0, 0),
                            sitk.ExtractImageFilter.DIRECTIONCOLLAPSETOGUESS)
     arr = sitk.GetArrayFromImage(img)
-    if verify:
-        _check_finite(arr, where)
+    if verify and (bad := _not_finite(arr)) is not None:  # (Z, Y, X): the first slice holding one
+        k = int(np.flatnonzero(bad.reshape(len(slices), -1).any(axis=1))[0])
+        slope, inter = _rescale(slices[k], order[k], fail)
+        fail(f"RescaleSlope {slope:g} (RescaleIntercept {inter:g}) of {order[k].name} scales the data to "
+             f"infinity ({int(np.count_nonzero(bad))} voxel(s) beyond float32's ±{FLOAT32_MAX:.3g})")
     for ds in slices:
         for tag in _PIXEL_TAGS:
             if tag in ds:
@@ -527,6 +538,24 @@ def _check_dicom_slices(headers: dict[Path, Any], fail: Callable[[str], NoReturn
         pixel, pixel0 = _floats(ds, "PixelSpacing"), _floats(ds0, "PixelSpacing")
         if pixel.shape != pixel0.shape or not np.allclose(pixel, pixel0, rtol=SPACING_RTOL, atol=0):
             fail(f"mixed pixel spacings: {_fmt(pixel0)} mm in {f0.name}, {_fmt(pixel)} mm in {f.name}")
+        _rescale(ds, f, fail)
+
+
+def _rescale(ds: Any, f: Path, fail: Callable[[str], NoReturn]) -> tuple[float, float]:
+    """A slice's (RescaleSlope, RescaleIntercept), (1, 0) where absent; ``fail`` unless finite numbers
+    (GDCM would read a NaN intercept as no rescale, leaving raw stored values)."""
+    values = []
+    for tag, default in (("RescaleSlope", 1.0), ("RescaleIntercept", 0.0)):
+        raw = ds.get(tag)
+        try:
+            value = default if raw is None or str(raw).strip() == "" else float(raw)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not np.isfinite(value):
+            fail(f"{f.name} has {tag} {str(raw)!r}: the rescale (stored value x RescaleSlope + "
+                 "RescaleIntercept) must be finite numbers")
+        values.append(value)
+    return values[0], values[1]
 
 
 def _check_dicom_positions(slices: Sequence[Any], files: Sequence[Path], fail: Callable[[str], NoReturn]
@@ -633,6 +662,46 @@ def _is_nifti(path: Path) -> bool:
     return path.name.lower().endswith((".nii", ".nii.gz"))
 
 
+def _check_nifti(path: Path) -> str:
+    """Check a NIfTI file with nibabel: its intensity scaling and its stored voxels (finite, the
+    file complete); return the scaling SimpleITK applied ('' when none) for ``_check_finite``.
+
+    ``scl_slope`` 0 or NaN means no scaling (the NIfTI standard; nibabel writes NaN).  Refused, as
+    headers the readers disagree on: an infinite ``scl_slope``; a non-finite ``scl_inter`` beside a
+    slope that scales (nibabel refuses it, SimpleITK ignores the scaling); a non-zero ``scl_inter``
+    beside a slope that does not scale (the standard and nibabel ignore it, SimpleITK adds it).
+    """
+    slope, inter = _nifti_scaling(path)
+    if np.isinf(slope):
+        raise DataError(f"scl_slope {slope:g} scales the data to infinity; fix the header (scl_slope 0 "
+                        "means no scaling)", path)
+    scales = bool(np.isfinite(slope) and slope != 0)
+    if scales and not np.isfinite(inter):
+        raise DataError(f"scl_inter {inter:g} (with scl_slope {slope:g}) is not a finite number: the "
+                        "intensity scaling is undefined; fix the header (a finite scl_inter, or scl_slope "
+                        "0 for no scaling)", path)
+    if not scales and np.isfinite(inter) and inter != 0:
+        raise DataError(f"scl_inter {inter:g} with scl_slope {slope:g}: the NIfTI standard ignores the "
+                        "intercept when the slope is 0 or NaN, SimpleITK adds it; fix the header (scl_slope "
+                        "1 to add it, scl_inter 0 to ignore it)", path)
+    _check_finite(_nifti_data(path), path)
+    return f"scl_slope {slope:g} (scl_inter {inter:g})" if scales else ""
+
+
+def _nifti_scaling(path: Path) -> tuple[float, float]:
+    """(scl_slope, scl_inter) as stored in a NIfTI-1 or NIfTI-2 header (DataError when unreadable)."""
+    for klass in (nib.Nifti1Header, nib.Nifti2Header):
+        try:
+            with nib.openers.ImageOpener(str(path)) as f:
+                header = klass.from_fileobj(f, check=False)
+        except Exception:  # noqa: BLE001 -- a wrong size field, a cut-short file: _nifti_data says which
+            continue
+        if int(header["sizeof_hdr"]) == klass.sizeof_hdr:
+            return float(header["scl_slope"]), float(header["scl_inter"])
+    _nifti_data(path)  # raises its DataError
+    raise DataError("the file is truncated or corrupt (no NIfTI header)", path)
+
+
 def _nifti_data(path: Path) -> np.ndarray:
     """The stored voxels of a NIfTI file read with nibabel (DataError when truncated or corrupt)."""
     try:
@@ -643,12 +712,41 @@ def _nifti_data(path: Path) -> np.ndarray:
                         f"{': ' + detail if detail else ''})", path) from None
 
 
-def _check_finite(data: np.ndarray, path: Path) -> None:
-    """No NaN or infinite values in the voxels read from ``path``."""
-    if data.dtype.kind in "fc":
-        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
-        if bad:
-            raise DataError(f"has {bad} NaN or infinite voxel(s); fix or mask them", path)
+#: the largest finite float32: training and inference compute in float32, so a voxel beyond it is infinite
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _not_finite(data: np.ndarray) -> np.ndarray | None:
+    """Mask of the voxels that are NaN, infinite or beyond float32's range; None when there are none."""
+    if data.dtype.kind not in "fc":
+        return None  # integers up to 2**64 are finite in float32
+    bad = ~np.isfinite(data)
+    if data.dtype.itemsize > 4 or data.dtype.kind == "c":
+        bad |= np.abs(data) > FLOAT32_MAX
+    return bad if bad.any() else None
+
+
+def _check_finite(data: np.ndarray, path: Path, scaling: str = "") -> None:
+    """No NaN or infinite voxels in ``data`` (read from ``path``), and none beyond float32's range.
+
+    Args:
+        data: the voxels as read (after the header's scaling).
+        path: the file, for the message.
+        scaling: the header's intensity scaling applied to finite stored voxels (e.g. ``'scl_slope 1e+38
+            (scl_inter 0)'``), blamed for the voxels it made infinite; '' when there is none.
+    """
+    bad = _not_finite(data)
+    if bad is None:
+        return
+    count, big = int(np.count_nonzero(bad)), data[bad & np.isfinite(data)]
+    if scaling:
+        raise DataError(f"{scaling} scales the data to infinity ({count} voxel(s) beyond float32's "
+                        f"±{FLOAT32_MAX:.3g}); fix the header", path)
+    if big.size == count:
+        raise DataError(f"has {count} voxel(s) beyond float32's range (±{FLOAT32_MAX:.3g}, up to "
+                        f"{np.abs(big).max():.3g}), which training and inference compute in; rescale the "
+                        "image", path)
+    raise DataError(f"has {count - big.size} NaN or infinite voxel(s); fix or mask them", path)
 
 
 def _first_line(e: Exception) -> str:
@@ -657,11 +755,51 @@ def _first_line(e: Exception) -> str:
     return useful[-1][:200]
 
 
+# ----------------------------------------------------------------------------- JSON files
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """The content of a JSON file the user gives (``dataset.json``, a split file), or one DataError
+    line naming the file: unreadable, not UTF-8, invalid JSON, a key twice in one object, nested too
+    deeply for Python's JSON reader.
+
+    Args:
+        path: the file.
+        what: what the file is, for the message ('dataset.json', 'the split file').
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise DataError(f"cannot read {what}: its JSON is nested too deeply", path) from None
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise DataError(f"cannot read {what} ({type(exc).__name__}: {exc})", path) from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ValueError(f"key {dup!r} appears twice")
+    return dict(pairs)
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` of a value read from a file, cut short (depth, length) for a one-line message."""
+    return _SHORT.repr(value)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 2, 60, 60
+
+
 # ----------------------------------------------------------------------------- writing
+#: the largest label value a label map output holds: every format is written as uint8 or uint16
+MAX_LABEL_VALUE = int(np.iinfo(np.uint16).max)
+
+
 def label_dtype(labels: np.ndarray, num_classes: int | None = None) -> np.dtype:
     """uint8 when every label fits (at most 256 classes), else uint16."""
     top = (num_classes - 1) if num_classes else (int(labels.max()) if labels.size else 0)
-    if top > np.iinfo(np.uint16).max:
+    if top > MAX_LABEL_VALUE:
         raise ValueError(f"{top + 1} classes do not fit a uint16 label map")
     return np.dtype(np.uint8) if top <= np.iinfo(np.uint8).max else np.dtype(np.uint16)
 

@@ -388,8 +388,13 @@ def is_anisotropic(spacing: Sequence[float]) -> bool:
     return max(spacing) > ANISOTROPY_RATIO * min(spacing)
 
 
-def plan_normalization(channel: dict[str, Any], nonzero_crop_ratio: float) -> str:
+def plan_normalization(channel: dict[str, Any], nonzero_crop_ratio: float, named: str | None = None) -> str:
     """The normalisation scheme of one channel.
+
+    A channel named in ``dataset.json`` takes the scheme of its name (``named``:
+    ``seg.dataset_json.channel_normalization``), as in nnU-Net; its 'zscore' (every name but CT,
+    noNorm, rescale_to_0_1, rgb_to_0_1) still takes the crop rule below, as nnU-Net masks its z-score.
+    A channel no ``dataset.json`` names (``named`` None):
 
     * 'ct' when the intensities are integers reaching ``CT_MIN_HU`` (Hounsfield units: air is -1000):
       clip to the foreground's 0.5-99.5 percentiles, z-score with the foreground mean and std of the
@@ -400,7 +405,9 @@ def plan_normalization(channel: dict[str, Any], nonzero_crop_ratio: float) -> st
     * 'zscore' (per image, over every voxel) otherwise: MRI and the rest.  A skull-on head with air
       stored as 0 gets this, so air becomes the darkest value, not the tissue mean.
     """
-    if channel["integer"] and channel["min"] <= CT_MIN_HU:
+    if named not in (None, "zscore"):
+        return named
+    if named is None and channel["integer"] and channel["min"] <= CT_MIN_HU:
         return "ct"
     if nonzero_crop_ratio <= 1.0 - NONZERO_CROP_SHARE:
         return "zscore_nonzero"
@@ -564,7 +571,7 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]]) ->
           f"patches filling {budget:,} voxels, >= {MIN_BATCH}, <= {MAX_BATCH_SHARE:.0%} of the "
           "training voxels")
     named = channel_normalization(d.channel_names) or [None] * len(fp["channels"])
-    norms = [n or plan_normalization(ch, fp["nonzero_crop_ratio"]) for n, ch in zip(named, fp["channels"])]
+    norms = [plan_normalization(ch, fp["nonzero_crop_ratio"], n) for n, ch in zip(named, fp["channels"])]
     norm = norms[0] if len(set(norms)) == 1 else norms
     _pick(out, "data.normalization", d.normalization, norm, _normalization_why(fp, norms, named, d.channel_names))
     _pick(out, "data.mirror_axes", d.mirror_axes, plan_mirror_axes(d.spatial_dims),

@@ -26,7 +26,7 @@ import torch
 from seg import io
 from seg.errors import DataError, UserError
 from seg.inference import predict_volume_2d, sliding_window_inference
-from seg.preprocess import normalize, resample, target_grid
+from seg.preprocess import check_intensities, normalize, resample, target_grid
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class Predictor:
         if sd not in (2, 3) or (self.spatial_dims == 3 and sd != 3):
             raise DataError(f"has {sd} spatial axes (shape {image.shape[1:]}) but the model is "
                             f"{self.spatial_dims}D", path)
+        check_intensities(image, [self.bundle.preprocessing.scheme(i) for i in range(c)], path)
 
     def predict_logits(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Blended logits of a normalised (C, *S) image on its own grid: (K, *S) float32."""

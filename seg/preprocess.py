@@ -7,17 +7,22 @@ axis in the same order.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from seg import ops
+from seg.errors import DataError
 
 #: intensity schemes (``data.normalization``): z-score per image with the statistics of all voxels, or
 #: of the non-zero voxels only (applied to all: zero stays the darkest value), CT (clip to the training set's foreground 0.5-99.5 percentiles and z-score
-#: with its foreground mean and std, as nnU-Net), a fixed HU window scaled to [-1, 1], none
-NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "window", "none")
+#: with its foreground mean and std, as nnU-Net), a fixed HU window scaled to [-1, 1], none; nnU-Net's
+#: rescale_to_0_1 (per image: minimum to 0, maximum to 1) and rgb_to_0_1 (8-bit values 0..255 divided by 255)
+NORMALIZATIONS = ("zscore", "zscore_nonzero", "ct", "window", "none", "rescale_to_0_1", "rgb_to_0_1")
+#: the value range ``rgb_to_0_1`` takes (nnU-Net refuses others: "Your images do not seem to be RGB images")
+RGB_RANGE = (0.0, 255.0)
 
 
 @dataclasses.dataclass
@@ -95,6 +100,11 @@ def normalize_channel(ch: np.ndarray, scheme: str, pp: Preprocessing, channel: i
     """One float32 channel (*S) normalised by ``scheme`` (in place where possible)."""
     if scheme == "none":
         return ch
+    if scheme == "rescale_to_0_1":
+        ch -= ch.min()
+        return ch / max(float(ch.max()), 1e-8)
+    if scheme == "rgb_to_0_1":
+        return ch / RGB_RANGE[1]
     if scheme == "window":
         lo, hi = pp.ct_window
         np.clip(ch, lo, hi, out=ch)
@@ -110,6 +120,25 @@ def normalize_channel(ch: np.ndarray, scheme: str, pp: Preprocessing, channel: i
         return ch
     mean, std = float(vals.mean(dtype=np.float64)), float(vals.std(dtype=np.float64))
     return (ch - mean) / max(std, 1e-8)
+
+
+def check_intensities(image: np.ndarray, schemes: Sequence[str | None], path: str | Path | None = None) -> None:
+    """Refuse a channel outside the value range its scheme takes (``rgb_to_0_1``: 0..255), as nnU-Net
+    does, in one DataError line naming ``path``.
+
+    Args:
+        image: (C, *S) raw intensities.
+        schemes: the scheme of each channel (None: not known yet, nothing to check).
+        path: the image file, for the message.
+    """
+    lo, hi = RGB_RANGE
+    for c, scheme in enumerate(schemes):
+        if scheme == "rgb_to_0_1" and c < image.shape[0]:
+            vmin, vmax = float(image[c].min()), float(image[c].max())
+            if vmin < lo or vmax > hi:
+                raise DataError(f"channel {c} has values {vmin:g}..{vmax:g}, but its normalisation 'rgb_to_0_1' "
+                                f"takes 8-bit values {lo:g}..{hi:g} (rename the channel in dataset.json, e.g. "
+                                "'rescale_to_0_1', or set data.normalization)", path)
 
 
 def target_grid(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float] | None,

@@ -106,6 +106,138 @@ def test_bad_dataset_json_is_one_line_naming_the_file(tmp_path: Path, content: s
     assert needle in msg and str(path) in msg and "\n" not in msg, msg
 
 
+BAD_DATASET_JSON = {  # content: the message after "<file>: "
+    "nested": ('{"labels": ' + "[" * 100_000 + "]" * 100_000 + "}",
+               "cannot read dataset.json: its JSON is nested too deeply"),
+    "label value 70000": (json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 70000},
+                                      "file_ending": ".nii.gz"}),
+                          "label 'a' has value 70000: the label maps we write hold at most 65535 (uint16)"),
+    "nested label value": (json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                       "labels": {"background": 0, "a": {"b": {"c": {"d": 1}}}}}),
+                           "label 'a' has value {'b': {'c': {...}}}: label values must be integers >= 0"),
+    "channel name a list": (json.dumps({"channel_names": {"0": ["T1"]}, "labels": GAPPED, "file_ending": ".nii.gz"}),
+                            "'channel_names' entry '0' is ['T1']: channel names must be strings"),
+    "file_ending a list": (json.dumps({"channel_names": {"0": "T1"}, "labels": GAPPED, "file_ending": [[[".nii"]]]}),
+                           "'file_ending' [[[...]]] is not a format we read (.nii.gz, .nii, .nrrd, .nhdr, .mha, "
+                           ".mhd, .png)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_DATASET_JSON))
+def test_bad_dataset_json_exact_message(tmp_path: Path, kind: str) -> None:
+    content, problem = BAD_DATASET_JSON[kind]
+    path = tmp_path / "dataset.json"
+    path.write_text(content)
+    with pytest.raises(DataError) as exc:
+        read_dataset_json(path)
+    assert str(exc.value) == f"{path}: {problem}"
+
+
+def test_label_value_no_output_holds_is_refused_before_the_run(tmp_path: Path) -> None:
+    """Without dataset.json: a label map holding 70000 (found in the data), or a label_remap naming
+    it, is refused when the run is described, not when its first output is written."""
+    rng = np.random.default_rng(4)
+    image, label = _case(rng, shape=(9, 8, 7))
+    _write(tmp_path / "imagesTr" / "c0.nii.gz", image)
+    label = label.astype(np.int32)
+    label[label == 3] = 70000
+    _write(tmp_path / "labelsTr" / "c0.nii.gz", label)
+    with pytest.raises(DataError) as exc:
+        described_config(apply_overrides(Config(), [f"data.root='{tmp_path}'"]))
+    assert str(exc.value) == (f"{tmp_path / 'labelsTr' / 'c0.nii.gz'}: has the label value 70000: the label maps "
+                              "we write hold at most 65535 (uint16); renumber the labels")
+    with pytest.raises(ConfigError) as exc:
+        described_config(apply_overrides(Config(), [f"data.root='{tmp_path}'", "data.class_names=['bg','a','b']",
+                                                    "data.label_remap={70000: 2}"]))
+    assert str(exc.value) == ("data.label_remap={70000: 2} maps label value 70000 to a class: the label maps we "
+                              "write hold at most 65535 (uint16); renumber the labels")
+    ok = described_config(apply_overrides(Config(), [f"data.root='{tmp_path}'", "data.class_names=['bg','a','b']",
+                                                     "data.label_remap={65535: 2}"]))
+    assert ok.data.label_remap == {65535: 2}
+
+
+def test_channel_names_mean_nnunets_schemes() -> None:
+    """nnU-Net's names (case-insensitive, casefold, no stripping) and z-score for every other name."""
+    from seg.dataset_json import channel_normalization
+
+    names = ["CT", "ct", "noNorm", "NONORM", "rescale_to_0_1", "RGB_to_0_1", "zscore", "MRI", "T1", " CT", "ADC", ""]
+    assert channel_normalization(names) == ["ct", "ct", "none", "none", "rescale_to_0_1", "rgb_to_0_1", "zscore",
+                                            "zscore", "zscore", "zscore", "zscore", "zscore"]
+    assert channel_normalization(None) is None and channel_normalization([]) is None
+
+
+def test_named_channel_takes_its_scheme_and_zscore_the_crop_rule() -> None:
+    """Integer MR data reaching -600 named 'T1' are z-scored (the HU rule would say CT); a z-score name
+    still takes nnU-Net's crop rule; unnamed channels keep the plan's own rule."""
+    from seg.plan import plan_normalization
+
+    mr = {"integer": True, "min": -600.0, "max": 900.0}
+    assert plan_normalization(mr, 1.0) == "ct"  # unnamed: the intensity rule
+    assert plan_normalization(mr, 1.0, "zscore") == "zscore"
+    assert plan_normalization(mr, 0.5, "zscore") == "zscore_nonzero"  # cropping removes 50 %
+    assert plan_normalization(mr, 0.5, "ct") == "ct"
+    for scheme in ("none", "rescale_to_0_1", "rgb_to_0_1"):
+        assert plan_normalization(mr, 0.5, scheme) == scheme
+
+
+def test_integer_mr_reaching_minus_500_named_t1_plans_zscore(tmp_path: Path) -> None:
+    from seg.train import planned_config
+
+    ds = nnunet_dataset(tmp_path, n_train=3, n_test=0, channel_names={"0": "T1"})
+    for f in (ds / "imagesTr").glob("toy_*_0000.nii.gz"):  # integer MR values from -600
+        img = sitk.ReadImage(str(f))
+        _write(f, (sitk.GetArrayFromImage(img) * 10 - 600).astype(np.int16))
+    sets = [f"data.root='{ds}'", "data.val_images_dir=None", "data.split_file=None", "data.val_fraction=0.34"]
+    planned, _ = planned_config(apply_overrides(Config(), sets))
+    assert planned.data.normalization == "zscore" and planned.data.channel_names == ["T1"]
+    planned, _ = planned_config(apply_overrides(Config(), sets + ["data.dataset_json=None", "data.pattern='*.nii.gz'"]))
+    assert planned.data.normalization == "ct"  # no names: the plan's own rule sees Hounsfield-like integers
+
+
+def test_rescale_and_rgb_schemes_as_nnunet() -> None:
+    from seg.preprocess import Preprocessing, check_intensities, normalize
+
+    x = np.array([[[4.0, 6.0, 14.0]], [[0.0, 51.0, 255.0]]], np.float32)  # (C=2, 1, 3)
+    pp = Preprocessing(normalization=("rescale_to_0_1", "rgb_to_0_1"))
+    pp.validate()
+    np.testing.assert_allclose(normalize(x, pp), [[[0.0, 0.2, 1.0]], [[0.0, 0.2, 1.0]]], rtol=1e-6)
+    np.testing.assert_array_equal(normalize(np.full((1, 2, 2), 7.0), Preprocessing("rescale_to_0_1")), 0.0)
+    check_intensities(x, ["rescale_to_0_1", "rgb_to_0_1"], "img.png")
+    with pytest.raises(DataError) as exc:
+        check_intensities(x * 2, ["zscore", "rgb_to_0_1"], "img.png")
+    assert str(exc.value) == ("img.png: channel 1 has values 0..510, but its normalisation 'rgb_to_0_1' takes 8-bit "
+                              "values 0..255 (rename the channel in dataset.json, e.g. 'rescale_to_0_1', or set "
+                              "data.normalization)")
+    from types import SimpleNamespace
+
+    from seg.predict import Predictor
+
+    bundle = SimpleNamespace(model=torch.nn.Identity(), spatial_dims=2, patch_size=(8, 8), in_channels=2,
+                             class_names=["background", "a"], preprocessing=pp)
+    Predictor(bundle).check_input(x, "img.png")
+    with pytest.raises(DataError) as exc:  # inference refuses it too, before the network
+        Predictor(bundle).check_input(x * 2, "img.png")
+    assert str(exc.value).startswith("img.png: channel 1 has values 0..510, but its normalisation 'rgb_to_0_1'")
+
+
+def test_rgb_channel_out_of_range_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """A channel named rgb_to_0_1 holding 16-bit values: one line naming the image, before training."""
+    from seg.train import find_data
+
+    ds = nnunet_dataset(tmp_path, n_train=2, n_test=0, channel_names={"0": "rgb_to_0_1"})
+    for i, scale in enumerate((1, 300)):  # toy_000 8-bit, toy_001 16-bit
+        f = ds / "imagesTr" / f"toy_{i:03d}_0000.nii.gz"
+        _write(f, (np.clip(sitk.GetArrayFromImage(sitk.ReadImage(str(f))), 0, 200) * scale).astype(np.uint16))
+    cfg = described_config(apply_overrides(Config(), [f"data.root='{ds}'", "data.val_images_dir=None",
+                                                      "data.split_file=None"]))
+    with pytest.raises(DataError) as exc:
+        find_data(cfg)
+    image = sitk.GetArrayFromImage(sitk.ReadImage(str(ds / "imagesTr" / "toy_001_0000.nii.gz")))
+    assert str(exc.value) == (f"{ds / 'imagesTr' / 'toy_001_0000.nii.gz'}: channel 0 has values {image.min():g}.."
+                              f"{image.max():g}, but its normalisation 'rgb_to_0_1' takes 8-bit values 0..255 (rename "
+                              "the channel in dataset.json, e.g. 'rescale_to_0_1', or set data.normalization)")
+
+
 # ----------------------------------------------------------------------------- describing a run
 def test_dataset_json_describes_the_run(tmp_path: Path) -> None:
     ds = nnunet_dataset(tmp_path, n_train=2, n_test=0)
@@ -187,9 +319,13 @@ def test_without_dataset_json_classes_are_the_values_found(tmp_path: Path) -> No
 
 
 # ----------------------------------------------------------------------------- end to end
-def test_train_and_infer_on_an_nnunet_folder(tmp_path: Path) -> None:
+def test_train_and_infer_on_an_nnunet_folder(tmp_path: Path, monkeypatch) -> None:
     """Train on ``Dataset042_Toy`` as it is, then ``infer_seg.py -i Dataset042_Toy`` segments its
-    imagesTs/ and writes the file values 0, 1, 3 of dataset.json (a gap kept)."""
+    imagesTs/ and writes the file values 0, 1, 3 of dataset.json (a gap kept): with the network
+    replaced by a threshold of the toy's intensities (background 10, a 50, b 90), every voxel's
+    written value is the class's file value, and all three are written."""
+    import infer_seg
+    from seg.predict import Predictor
     from seg.train import train
 
     ds = nnunet_dataset(tmp_path, n_train=4, n_test=2)
@@ -207,8 +343,19 @@ def test_train_and_infer_on_an_nnunet_folder(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     written = sorted(p.name for p in out.glob("*.seg.nrrd"))
     assert written == ["toy_100.seg.nrrd", "toy_101.seg.nrrd"]
-    values = set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(out / written[0])))).tolist())
-    assert values <= {0, 1, 3}
+
+    def threshold(self, image, spacing=None, return_probabilities=False):  # class indices 0, 1, 2
+        return np.clip(np.rint((image[0].astype(float) - 10) / 40), 0, 2).astype(np.uint8), None
+
+    monkeypatch.setattr(Predictor, "predict_array", threshold)
+    assert infer_seg.main(["-i", str(ds), "-o", str(out), "-m", str(result.output_dir / "last.pt"), "--format",
+                           "seg.nrrd", "--device", "cpu", "--overwrite"]) == 0
+    for name in written:
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(ds / "imagesTs" / name.replace(".seg.nrrd", "_0000.nii.gz"))))
+        expected = np.array([0, 1, 3])[np.clip(np.rint((image - 10) / 40), 0, 2).astype(int)]
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(out / name)))
+        np.testing.assert_array_equal(labels, expected)
+        assert set(np.unique(labels).tolist()) == {0, 1, 3}
     header = sitk.ReadImage(str(out / written[0]))
     names = {header.GetMetaData(k) for k in header.GetMetaDataKeys() if k.endswith("_Name")}
     assert names == {"a", "b"}

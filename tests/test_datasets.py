@@ -181,6 +181,43 @@ def test_split_from_file_nnunet_format(tmp_path: Path) -> None:
         ds.split_from_file(cases, split, 0)
 
 
+BAD_SPLITS = {  # content of splits_final.json: the message after "<file>: "
+    "nested": ("[" * 100_000 + "]" * 100_000, "cannot read the split file: its JSON is nested too deeply"),
+    "names are lists": ('[{"train": [["c0"], ["c1"]], "val": ["c2"]}]',
+                        "fold 0 'train' holds ['c0']: case names must be strings"),
+    "name is a number": ('[{"train": ["c0"], "val": [2]}]', "fold 0 'val' holds 2: case names must be strings"),
+    "duplicate in train": ('[{"train": ["c0", "c1", "c0"], "val": ["c2"]}]',
+                           "fold 0 lists case 'c0' twice in 'train': each case once per fold"),
+    "duplicate in val": ('[{"train": ["c0"], "val": ["c2", "c2"]}]',
+                         "fold 0 lists case 'c2' twice in 'val': each case once per fold"),
+    "in both": ('[{"train": ["c0", "c1"], "val": ["c1"]}]',
+                "fold 0 lists case 'c1' in both 'train' and 'val': each case once per fold"),
+    "not found": ('[{"train": ["c0"], "val": ["c1", "x9", "x8"]}]',
+                  "fold 0 'val' names 2 case(s) that are not among the 5 cases found (images with labels), "
+                  "e.g. 'x9'"),
+    "empty val": ('[{"train": ["c0"], "val": []}]', "fold 0 needs a non-empty 'val' list of case names, got []"),
+    "val a string": ('[{"train": ["c0"], "val": "c1"}]',
+                     "fold 0 needs a non-empty 'val' list of case names, got 'c1'"),
+    "no train": ('[{"val": ["c1"]}]', "fold 0 needs a non-empty 'train' list of case names, got None"),
+    "fold not an object": ('[["c0"]]', "has no fold 0 with 'train' and 'val' lists (1 fold(s); set data.fold)"),
+    "not a list": ('{"train": ["c0"], "val": ["c1"]}',
+                   'must hold a JSON list of folds, each {"train": [case names], "val": [case names]}'),
+    "duplicate key": ('[{"train": ["c0"], "val": ["c1"], "val": ["c2"]}]',
+                      "cannot read the split file (ValueError: key 'val' appears twice)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_SPLITS))
+def test_bad_split_file_is_one_line_naming_it(tmp_path: Path, kind: str) -> None:
+    cases = [ds.Case(f"c{i}", (Path(f"c{i}.nii.gz"),), Path(f"l{i}.nii.gz")) for i in range(5)]
+    content, problem = BAD_SPLITS[kind]
+    split = tmp_path / "splits_final.json"
+    split.write_text(content)
+    with pytest.raises(DataError) as exc:
+        ds.split_from_file(cases, split, 0)
+    assert str(exc.value) == f"{split}: {problem}"
+
+
 def test_demo_hippocampus_split_file() -> None:
     import json
     root = ROOT / "data" / "demo" / "hippocampus"

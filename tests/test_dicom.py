@@ -249,6 +249,41 @@ def test_rescale_slope_and_intercept_per_slice(tmp_path) -> None:
     np.testing.assert_allclose(arr[0], ref, atol=1e-4)  # pydicom's own rescale
 
 
+def _rescale(tag, value, only=None):
+    def edit(k, ds):
+        if only is None or k == only:
+            setattr(ds, tag, value)
+    return edit
+
+
+BAD_RESCALE = {  # edit: the problem as the message says it
+    "slope to infinity": (_rescale("RescaleSlope", "1e38"),
+                          r"RescaleSlope 1e\+38 \(RescaleIntercept -1024\) of \w+ scales the data to infinity "
+                          r"\(60 voxel\(s\) beyond float32's ±3.4e\+38\)$"),
+    "one slice to infinity": (_rescale("RescaleSlope", "1e38", only=1),
+                              r"RescaleSlope 1e\+38 \(RescaleIntercept -1024\) of \w+ scales the data to "
+                              r"infinity \(20 voxel\(s\) beyond"),
+    "intercept to infinity": (_rescale("RescaleIntercept", "1e39"),
+                              r"RescaleSlope 1 \(RescaleIntercept 1e\+39\) of \w+ scales the data to infinity"),
+    "NaN intercept": (_rescale("RescaleIntercept", "NaN"),
+                      r"\w+ has RescaleIntercept 'NaN': the rescale \(stored value x RescaleSlope \+ "
+                      r"RescaleIntercept\) must be finite numbers$"),
+    "NaN slope": (_rescale("RescaleSlope", "NaN", only=2), r"\w+ has RescaleSlope 'NaN': the rescale"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
+@pytest.mark.parametrize("kind", list(BAD_RESCALE))
+def test_rescale_to_infinity_or_undefined_is_refused_saying_so(tmp_path, kind) -> None:
+    """GDCM reads a NaN intercept as no rescale (raw stored values) and a huge slope as float64 that
+    float32 holds as infinity: both refused, one line naming the series and the slice."""
+    edit, problem = BAD_RESCALE[kind]
+    uid, files = write_series(tmp_path / "r", np.full((5, 4, 3), 100.0), patient="R", number=2, edit=edit)
+    with pytest.raises(DataError, match=problem) as exc:
+        io.read_case(files)
+    assert str(exc.value).startswith(f"{tmp_path / 'r'}: DICOM series R_2_CT (SeriesInstanceUID {uid}, 3 file(s)): ")
+
+
 def _tilt(k, ds):
     ds.ImagePositionPatient = [_ds(v + 0.4 * k * a) for v, a in zip(ds.ImagePositionPatient, DIRECTION[:, 1])]
 

@@ -1,6 +1,7 @@
 """seg.io: voxel order, geometry round trips (checked with SimpleITK directly), dtypes, atomic writes;
 cases and their names, reading checks (finiteness, channel grids, label maps), the one tolerance."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -159,6 +160,66 @@ def test_nan_and_inf_refused_in_every_format(tmp_path, ext, bad):
     with pytest.raises(DataError, match=r"x\.\w+.*: has 1 NaN or infinite voxel") as exc:
         io.read_case(path)
     assert "\n" not in str(exc.value)
+
+
+def _nifti(path, stored, slope, inter):
+    """A NIfTI file of ``stored`` with the header's scl_slope / scl_inter set as given (written raw)."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(stored, np.eye(4))
+    img.header["scl_slope"], img.header["scl_inter"] = slope, inter
+    nib.save(img, str(path))
+    return path
+
+
+NIFTI_SCALING = {  # (scl_slope, scl_inter): the message
+    (1e38, 0.0): r"scl_slope 1e\+38 \(scl_inter 0\) scales the data to infinity \(20 voxel\(s\) beyond "
+                 r"float32's ±3.4e\+38\); fix the header$",
+    (1e37, 3e38): r"scl_slope 1e\+37 \(scl_inter 3e\+38\) scales the data to infinity \(19 voxel\(s\) beyond",
+    (1.0, np.nan): r"scl_inter nan \(with scl_slope 1\) is not a finite number: the intensity scaling is "
+                   r"undefined; fix the header \(a finite scl_inter, or scl_slope 0 for no scaling\)$",
+    (2.0, -np.inf): r"scl_inter -inf \(with scl_slope 2\) is not a finite number",
+    (np.inf, 0.0): r"scl_slope inf scales the data to infinity; fix the header \(scl_slope 0 means no scaling\)$",
+    (0.0, 7.0): r"scl_inter 7 with scl_slope 0: the NIfTI standard ignores the intercept when the slope is 0 or "
+                r"NaN, SimpleITK adds it; fix the header \(scl_slope 1 to add it, scl_inter 0 to ignore it\)$",
+    (np.nan, -1.0): r"scl_inter -1 with scl_slope nan: the NIfTI standard ignores the intercept",
+}
+
+
+@pytest.mark.parametrize("slope, inter", list(NIFTI_SCALING))
+def test_nifti_scaling_to_infinity_or_undefined_is_refused_saying_so(tmp_path, slope, inter):
+    stored = np.arange(24, dtype=np.int16).reshape(2, 3, 4)  # 0..23: x 1e38 overflows from 4 on
+    path = _nifti(tmp_path / "s.nii.gz", stored, slope, inter)
+    for read in (io.read_image, io.read_label, io.read_case):
+        with pytest.raises(DataError, match=f"^{re.escape(str(path))}: {NIFTI_SCALING[slope, inter]}"):
+            read(path)
+
+
+@pytest.mark.parametrize("slope, inter, expected", [
+    (2.0, -5.0, lambda x: x * 2.0 - 5.0),   # scaling applied
+    (np.nan, np.nan, lambda x: x),          # nibabel's "no scaling"
+    (0.0, 0.0, lambda x: x),                # the NIfTI standard's "no scaling"
+    (np.nan, 0.0, lambda x: x),
+])
+def test_nifti_scaling_that_is_defined_reads_as_the_standard_says(tmp_path, slope, inter, expected):
+    stored = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    arr, _ = io.read_image(_nifti(tmp_path / "s.nii.gz", stored, slope, inter))
+    np.testing.assert_array_equal(arr[0], expected(stored))
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nrrd", ".mha", ".nhdr", ".mhd"])
+def test_float64_beyond_float32_is_refused_in_every_format(tmp_path, ext):
+    """Training and inference compute in float32: a float64 voxel of 1e300 would become infinite."""
+    arr = np.zeros((5, 4, 3), np.float64)
+    arr[1, 2, 1], arr[0, 0, 0] = 1e300, -1e39
+    path = _write(tmp_path / f"x{ext}", arr)
+    with pytest.raises(DataError, match=rf"^{re.escape(str(path))}: has 2 voxel\(s\) beyond float32's range "
+                                        r"\(±3.4e\+38, up to 1e\+300\), which training and inference compute "
+                                        r"in; rescale the image$"):
+        io.read_case(path)
+    arr[1, 2, 1], arr[0, 0, 0] = 3e38, -3e38  # within float32: accepted
+    _write(tmp_path / f"x{ext}", arr)
+    assert np.isfinite(io.read_case(path)[0].astype(np.float32)).all()
 
 
 @pytest.mark.parametrize("problem", ["origin", "direction", "spacing", "size"])
