@@ -4,7 +4,7 @@
     python infer_seg.py -i IMAGE_OR_FOLDER -o OUT_FOLDER -m CHECKPOINT [--tta] [--labels LABEL_FOLDER]
 
 ``-m`` also takes an export folder (``python -m seg.export CHECKPOINT -o DIR``): the same outputs,
-computed by its TorchScript network.
+computed by its TorchScript network, which is a program and loads only with ``--unsafe-load``.
 
 Each output is named like its case (the file name; nnU-Net channel files ``name_0000``, ``name_0001``
 ... are one case ``name`` when ``name_0000`` exists), keeps the input's size, spacing, origin and
@@ -40,7 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "or an nnU-Net dataset folder (its imagesTs/)")
     p.add_argument("-o", "--output", required=True, help="output folder")
     p.add_argument("-m", "--model", required=True,
-                   help="checkpoint file (.pt) from train_seg.py, or an export folder from python -m seg.export")
+                   help="checkpoint file (.pt) from train_seg.py, or an export folder from python -m seg.export "
+                        "(its network is a TorchScript program: loads only with --unsafe-load)")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (along the axes mirrored in training)")
     p.add_argument("--blend", default="gaussian", choices=("gaussian", "constant", "hann"),
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--labels", help="label folder: evaluate the predicted cases into OUT/evaluation "
                    "(labels of other cases are ignored)")
     p.add_argument("--fail-fast", action="store_true", help="stop at the first failing case")
-    add_common_flags(p, unsafe_load=True)
+    add_common_flags(p, unsafe_load=True, exports=True)
     return p.parse_args(argv)
 
 

@@ -209,7 +209,7 @@ def main() -> None:
     t0 = time.perf_counter()
     result = export_checkpoint(ckpt, tmp / "export")
     export_s = time.perf_counter() - t0
-    eager, exported = load_for_inference(ckpt), load_export(tmp / "export")
+    eager, exported = load_for_inference(ckpt), load_export(tmp / "export", unsafe_load=True)
     onnx_entry = result.manifest["networks"]["onnx"]
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()

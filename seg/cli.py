@@ -18,6 +18,9 @@ EXIT_INTERRUPTED = 130
 
 UNSAFE_LOAD_HELP = ("also load checkpoint or pretrained-weight files that need full unpickling (weights_only=False). "
                     "Unpickling runs code stored in the file: use it only for files you trust")
+#: ``--unsafe-load`` of commands that also take an export folder (``seg.export.load_export``)
+UNSAFE_LOAD_EXPORT_HELP = (UNSAFE_LOAD_HELP + "; also needed to load an export folder (-m DIR): its network "
+                           "is a TorchScript program, which runs code stored in the file")
 
 
 def run_cli(body: Callable[[], int], debug: bool = False, prefix: str = "") -> int:
@@ -45,9 +48,12 @@ def one_line(exc: BaseException) -> str:
     return " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
 
 
-def add_common_flags(parser: argparse.ArgumentParser, unsafe_load: bool = False) -> None:
-    """``--debug`` (and, for commands that read checkpoints, ``--unsafe-load``)."""
+def add_common_flags(parser: argparse.ArgumentParser, unsafe_load: bool = False,
+                     exports: bool = False) -> None:
+    """``--debug`` (and, for commands that read checkpoints, ``--unsafe-load``; ``exports``: its
+    help says that export folders need it too)."""
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of input errors instead of one line (and debug logging)")
     if unsafe_load:
-        parser.add_argument("--unsafe-load", action="store_true", help=UNSAFE_LOAD_HELP)
+        parser.add_argument("--unsafe-load", action="store_true",
+                            help=UNSAFE_LOAD_EXPORT_HELP if exports else UNSAFE_LOAD_HELP)

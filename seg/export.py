@@ -16,8 +16,8 @@
   file, each said in the log and in ``export.json``.
 * ``export.json`` (``MANIFEST``): ``format_version``, the fields of ``seg.checkpoint.InferenceBundle``
   (spatial_dims, patch_size, slice_axis, in_channels, preprocessing, class_names, label_values,
-  mirror_axes), what each network file computes with its input and output shapes, and the measured
-  difference to the eager model.
+  mirror_axes), and per network file its plain name inside ``DIR``, its sha256, what it computes
+  with its input and output shapes, and the measured difference to the eager model.
 
 Every network file is checked before it is kept: traced at batch ``TRACE_BATCH``, the saved file
 reloaded and run at batches ``CHECK_BATCHES`` must match the eager model to ``atol`` (max absolute
@@ -25,8 +25,14 @@ logit difference), so a batch size or a shape frozen into the trace is caught he
 written to a temporary folder inside ``DIR`` and renamed into place, ``export.json`` last, so a
 failed export leaves nothing under the final names.
 
-``load_export(DIR)`` returns an ``InferenceBundle`` whose model is the loaded TorchScript module;
-``seg.predict.Predictor.from_checkpoint`` (and ``infer_seg.py -m DIR``) use it for a folder.
+``load_export(DIR, unsafe_load=True)`` returns an ``InferenceBundle`` whose model is the loaded
+TorchScript module; ``seg.predict.Predictor.from_checkpoint`` (and ``infer_seg.py -m DIR
+--unsafe-load``) use it for a folder.  A TorchScript file is a program (PyTorch's security policy
+asks to treat it as code), so loading one needs the opt-in that unpickling a checkpoint needs.
+Before it is loaded, every field of the manifest is checked (types, ranges, the preprocessing's
+statistics per channel, axes), the network file must be a plain name inside ``DIR`` and match its
+recorded sha256; after, one dry run on a zero window checks the network against the manifest (input
+shape, class count, patch).  Each failure is one ``UserError`` naming the field and the file.
 """
 from __future__ import annotations
 
@@ -37,6 +43,8 @@ import json
 import logging
 import math
 import os
+import re
+import reprlib
 import shutil
 import sys
 import tempfile
@@ -45,17 +53,18 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from seg.checkpoint import InferenceBundle, load_for_inference
 from seg.cli import add_common_flags, run_cli
 from seg.errors import UserError
-from seg.preprocess import Preprocessing
+from seg.preprocess import NORMALIZATIONS, Preprocessing
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2       # 2: each network file's sha256; file names are plain names inside DIR
 MANIFEST = "export.json"
 TORCHSCRIPT_FILE = "model.torchscript.pt"
 ONNX_FILE = "model.onnx"
@@ -64,7 +73,10 @@ TRACE_BATCH = 2          # traced at this batch size ...
 CHECK_BATCHES = (1, 3)   # ... and checked at these, so a frozen batch size cannot pass
 ATOL = 1e-4              # max |exported - eager| logit difference accepted
 REQUIRED = ("format_version", "spatial_dims", "patch_size", "in_channels", "preprocessing",
-            "class_names", "networks")
+            "num_classes", "class_names", "networks")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a network file: a plain name inside DIR
+SHA256 = re.compile(r"[0-9a-f]{64}")
+STAT_KEYS = ("mean", "std", "clip_low", "clip_high")  # per channel, what 'ct' normalisation reads
 
 
 @dataclasses.dataclass
@@ -151,6 +163,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
                                                        checkpoint, computes)}
         networks["onnx"] = _export_onnx(model, bundle, tmp / ONNX_FILE, atol, computes) if onnx \
             else _skipped("not requested (--no-onnx)")
+        for entry in networks.values():
+            if entry["file"] is not None:
+                entry["sha256"] = _sha256(tmp / entry["file"])  # checked before loading
         manifest = _manifest(bundle, checkpoint, computes, pointrend, networks)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         files = _move_into_place(tmp, out_dir, [TORCHSCRIPT_FILE, ONNX_FILE, MANIFEST])
@@ -400,10 +415,11 @@ def _move_into_place(tmp: Path, out_dir: Path, names: Sequence[str]) -> list[Pat
 
 # -------------------------------------------------------------------------------------------- load
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """``path / MANIFEST`` of an export folder, checked.
+    """``path / MANIFEST`` of an export folder, every field checked (``check_manifest``).
 
     Raises:
-        UserError: no manifest, unreadable or invalid JSON, another format version, missing fields.
+        UserError: no manifest; unreadable, invalid or too deeply nested JSON; another format
+            version; a missing or malformed field (named in the message).
     """
     file = Path(path) / MANIFEST
     if not file.is_file():
@@ -411,63 +427,265 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
                         "CHECKPOINT -o DIR)", path)
     try:
         manifest = json.loads(file.read_text())
+    except RecursionError as exc:
+        raise UserError("not a readable export manifest (JSON nested too deeply)", file) from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UserError(f"not a readable export manifest ({type(exc).__name__}: {exc})", file) from exc
     if not isinstance(manifest, dict):
         raise UserError("not an export manifest (not a JSON object)", file)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"export format_version {manifest.get('format_version')!r}; this version reads "
-                        f"{FORMAT_VERSION}", file)
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        old = " (written before file hashes were recorded: export the checkpoint again)" if version == 1 else ""
+        raise UserError(f"export format_version {_show(version)}; this version reads {FORMAT_VERSION}{old}", file)
     missing = [k for k in REQUIRED if k not in manifest]
-    ts = manifest.get("networks", {}).get("torchscript") if isinstance(manifest.get("networks"), dict) else None
-    if not isinstance(ts, dict) or not isinstance(ts.get("file"), str):
-        missing.append("networks.torchscript.file")
     if missing:
         raise UserError(f"not an export manifest (missing {', '.join(missing)})", file)
+    check_manifest(manifest, file)
     return manifest
 
 
-def load_export(path: str | os.PathLike, device: str | torch.device = "cpu") -> InferenceBundle:
-    """An export folder as an ``InferenceBundle`` whose model is the TorchScript module on ``device``.
+def check_manifest(m: dict[str, Any], file: Path) -> None:
+    """Check every field inference reads: types, ranges, and agreement between fields.
 
     Raises:
-        UserError: see ``read_manifest``; the TorchScript file is missing or unreadable.
+        UserError: the first bad field, as ``<file>: <field> <value>: <rule>``.
     """
-    manifest = read_manifest(path)
-    file = Path(path) / manifest["networks"]["torchscript"]["file"]
-    if not file.is_file():
-        raise UserError(f"the export's network file is missing ({MANIFEST} names it)", file)
+    dims, channels, names = m["spatial_dims"], m["in_channels"], m["class_names"]
+    _expect(_is_int(dims) and dims in (2, 3), file, "spatial_dims", "must be 2 or 3", dims)
+    _expect(_ints(m["patch_size"], dims, low=1), file, "patch_size",
+            f"must be {dims} positive integers (spatial_dims {dims})", m["patch_size"])
+    axis = m.get("slice_axis")
+    _expect(axis is None or (_is_int(axis) and 0 <= axis <= 2), file, "slice_axis",
+            "must be null or an axis 0, 1 or 2", axis)
+    _expect(_is_int(channels) and channels >= 1, file, "in_channels", "must be a positive integer",
+            channels)
+    _expect(isinstance(names, list) and len(names) >= 1 and all(isinstance(n, str) and n for n in names),
+            file, "class_names", "must be a list of non-empty names, background first", names)
+    _expect(_is_int(m["num_classes"]) and m["num_classes"] == len(names), file, "num_classes",
+            f"must equal the number of class_names ({len(names)})", m["num_classes"])
+    values = m.get("label_values")
+    _expect(values is None or (_ints(values, len(names), low=0) and len(set(values)) == len(values)
+                               and _fits_label_map(values)), file, "label_values",
+            f"must be null or {len(names)} distinct label values (one per class name) a uint16 label "
+            "map holds", values)
+    axes = m.get("mirror_axes")
+    _expect(axes is None or (isinstance(axes, list) and _ints(axes, len(axes), low=0, high=dims - 1)
+                             and len(set(axes)) == len(axes)), file, "mirror_axes",
+            f"must be null or distinct spatial axes in 0..{dims - 1}", axes)
+    _check_preprocessing(m["preprocessing"], channels, dims, file)
+    _check_networks(m["networks"], file)
+
+
+def _check_preprocessing(pp: Any, channels: int, dims: int, file: Path) -> None:
+    """The ``preprocessing`` field: known keys, one scheme per channel, the statistics 'ct' reads."""
+    _expect(isinstance(pp, dict), file, "preprocessing", "must be an object", pp)
+    known = [f.name for f in dataclasses.fields(Preprocessing)]
+    unknown = sorted(set(pp) - set(known) - {"zscore_nonzero"})  # zscore_nonzero: format 1
+    _expect(not unknown, file, "preprocessing", f"unknown field(s) (known: {', '.join(known)})", unknown)
+    norm = pp.get("normalization", "zscore")
+    schemes = [norm] * channels if isinstance(norm, str) else norm
+    _expect(isinstance(schemes, list) and len(schemes) == channels
+            and all(isinstance(n, str) and n in NORMALIZATIONS for n in schemes), file,
+            "preprocessing.normalization", f"must be one of {', '.join(NORMALIZATIONS)}, or a list "
+            f"with one per input channel ({channels})", norm)
+    stats = pp.get("intensity_stats")
+    _expect(stats is None or (isinstance(stats, list) and all(isinstance(s, dict) for s in stats)),
+            file, "preprocessing.intensity_stats", "must be null or a list of per-channel objects", stats)
+    for c in (c for c, scheme in enumerate(schemes) if scheme == "ct"):
+        st = stats[c] if stats and c < len(stats) else None
+        _expect(isinstance(st, dict) and all(_is_num(st.get(k)) for k in STAT_KEYS)
+                and st["std"] >= 0 and st["clip_low"] <= st["clip_high"], file,
+                f"preprocessing.intensity_stats[{c}]", f"channel {c} is normalised 'ct', which needs "
+                f"finite {', '.join(STAT_KEYS)} (std >= 0, clip_low <= clip_high)", st)
+    window = pp.get("ct_window", [-1000.0, 1000.0])
+    _expect(isinstance(window, list) and len(window) == 2 and all(_is_num(v) for v in window)
+            and window[0] < window[1], file, "preprocessing.ct_window",
+            "must be [low, high], finite, low < high", window)
+    spacing, lengths = pp.get("target_spacing"), ((2, 3) if dims == 2 else (3,))
+    _expect(spacing is None or (isinstance(spacing, list) and len(spacing) in lengths
+                                and all(_is_num(v) and v > 0 for v in spacing)), file,
+            "preprocessing.target_spacing", f"must be null or {' or '.join(map(str, lengths))} "
+            "positive spacings (mm)", spacing)
+    _expect(isinstance(pp.get("zscore_nonzero", False), bool), file, "preprocessing.zscore_nonzero",
+            "must be true or false", pp.get("zscore_nonzero"))
+
+
+def _check_networks(nets: Any, file: Path) -> None:
+    """The ``networks`` field: a TorchScript entry; each file a plain name with a sha256."""
+    _expect(isinstance(nets, dict) and isinstance(nets.get("torchscript"), dict), file, "networks",
+            "must be an object with a 'torchscript' entry", nets)
+    for key, entry in nets.items():
+        field = f"networks.{key[:40]}"
+        _expect(isinstance(entry, dict), file, field, "must be an object", entry)
+        if entry.get("file") is None and key != "torchscript":
+            continue  # not written (ONNX skipped)
+        _expect(isinstance(entry.get("file"), str) and PLAIN_NAME.fullmatch(entry["file"]) is not None,
+                file, f"{field}.file", "must be a plain file name inside the export folder (letters, "
+                "digits, '.', '_', '-'; no folder, no absolute path)", entry.get("file"))
+        _expect(isinstance(entry.get("sha256"), str) and SHA256.fullmatch(entry["sha256"]) is not None,
+                file, f"{field}.sha256", "must be the file's sha256 (64 lowercase hex digits)",
+                entry.get("sha256"))
+
+
+def _check_io_shapes(m: dict[str, Any], file: Path) -> None:
+    """The input and output shapes each network entry states: those of in_channels, class_names and
+    patch_size (run after ``check_network``, which checks those three against the network)."""
+    patch = list(m["patch_size"])
+    shapes = {"input": ["N", m["in_channels"], *patch], "output": ["N", len(m["class_names"]), *patch]}
+    for key, entry in m["networks"].items():
+        for side, shape in shapes.items():
+            spec = entry.get(side)
+            got = spec.get("shape", shape) if isinstance(spec, dict) else shape
+            _expect(got == shape, file, f"networks.{key[:40]}.{side}.shape", f"must be {shape} (from "
+                    "in_channels, class_names and patch_size)", got)
+
+
+def _expect(ok: bool, file: Path, field: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise UserError(f"{field} {_show(value)}: {rule}", file)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 120, 60, 3
+
+
+def _show(value: Any) -> str:
+    """A short repr of a JSON value, safe on deep nesting."""
+    return _REPR.repr(value)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+def _ints(v: Any, n: int, low: int | None = None, high: int | None = None) -> bool:
+    """``v`` is a list of ``n`` integers in [low, high]."""
+    return isinstance(v, list) and len(v) == n and all(
+        _is_int(x) and (low is None or x >= low) and (high is None or x <= high) for x in v)
+
+
+def _fits_label_map(values: Sequence[int]) -> bool:
+    """The largest label value fits the widest label map ``seg.io`` writes."""
+    from seg.io import label_dtype
+
     try:
-        bundle = _bundle(manifest, None)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise UserError(f"not a valid export manifest ({type(exc).__name__}: {exc})",
-                        Path(path) / MANIFEST) from exc
+        label_dtype(np.zeros(0, np.int64), max(values) + 1)
+    except ValueError:
+        return False
+    return True
+
+
+def load_export(path: str | os.PathLike, device: str | torch.device = "cpu",
+                unsafe_load: bool = False) -> InferenceBundle:
+    """An export folder as an ``InferenceBundle`` whose model is the TorchScript module on ``device``.
+
+    The manifest is checked (``read_manifest``), then the network file (a plain file inside the
+    folder whose sha256 is the recorded one); only then, with ``unsafe_load``, is the TorchScript
+    program loaded, and one dry run checks it against the manifest (``check_network``).
+
+    Args:
+        path: the export folder.
+        device: where the network runs.
+        unsafe_load: load the TorchScript file, a program (PyTorch's security policy: treat
+            TorchScript models as code); without it a checked export is refused, naming the opt-in.
+
+    Raises:
+        UserError: see ``read_manifest``; the network file is missing, outside the folder, changed
+            since the export, or unreadable; ``unsafe_load`` is False; the network disagrees with
+            the manifest.
+    """
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    bundle = _bundle(manifest, None, folder / MANIFEST)
+    entry = manifest["networks"]["torchscript"]
+    file = _network_file(folder, entry)
+    if not unsafe_load:
+        raise UserError("is a TorchScript program: loading and running it runs code stored in the file "
+                        f"(its sha256 shows only that it is the file {MANIFEST} names). If you trust "
+                        "this export, load it with --unsafe-load (unsafe_load=True)", file)
+    logger.warning("%s: TorchScript program loaded (--unsafe-load); it runs code stored in the file", file)
     try:
-        model = _jit_load(file, device)
+        model = _jit_load(file, device).eval()
     except Exception as exc:  # noqa: BLE001 - truncated zip, not TorchScript, ...: unusable
         raise UserError(f"not a readable TorchScript file ({type(exc).__name__}: {_first_line(exc)})",
                         file) from exc
-    return dataclasses.replace(bundle, model=model.eval())
+    check_network(model, bundle, device, folder / MANIFEST, entry["file"])
+    _check_io_shapes(manifest, folder / MANIFEST)
+    return dataclasses.replace(bundle, model=model)
 
 
-def _bundle(manifest: dict[str, Any], model: Any) -> InferenceBundle:
-    """The InferenceBundle fields of a manifest (TypeError/ValueError/KeyError when malformed)."""
-    pp = Preprocessing.from_dict(manifest["preprocessing"])
-    pp.validate()
-    values, mirror = manifest.get("label_values"), manifest.get("mirror_axes")
-    bundle = InferenceBundle(
-        model=model, spatial_dims=int(manifest["spatial_dims"]),
-        patch_size=tuple(int(p) for p in manifest["patch_size"]),
-        slice_axis=None if manifest.get("slice_axis") is None else int(manifest["slice_axis"]),
-        preprocessing=pp, class_names=[str(c) for c in manifest["class_names"]],
-        in_channels=int(manifest["in_channels"]),
-        mirror_axes=None if mirror is None else tuple(int(a) for a in mirror),
-        label_values=None if values is None else tuple(int(v) for v in values))
-    if bundle.spatial_dims not in (2, 3) or len(bundle.patch_size) != bundle.spatial_dims:
-        raise ValueError(f"spatial_dims {bundle.spatial_dims} with patch_size {bundle.patch_size}")
-    if values is not None and len(values) != len(bundle.class_names):
-        raise ValueError(f"{len(values)} label_values for {len(bundle.class_names)} classes")
-    return bundle
+def _network_file(folder: Path, entry: dict[str, Any]) -> Path:
+    """The network file of a manifest entry: a file inside ``folder`` with the recorded sha256."""
+    file = folder / entry["file"]
+    if not file.is_file():
+        raise UserError(f"the export's network file is missing ({MANIFEST} names it)", file)
+    if file.resolve().parent != folder.resolve():
+        raise UserError(f"links to {file.resolve()}, outside the export folder: refused", file)
+    try:
+        digest = _sha256(file)
+    except OSError as exc:
+        raise UserError(f"not readable ({type(exc).__name__}: {exc})", file) from exc
+    if digest != entry["sha256"]:
+        raise UserError(f"sha256 {digest} differs from the one {MANIFEST} records: the file was changed "
+                        "or replaced after the export (export the checkpoint again)", file)
+    return file
+
+
+def check_network(model: Any, bundle: InferenceBundle, device: str | torch.device, manifest: Path,
+                  name: str) -> None:
+    """One dry run of the network on a zero window (1, C, *patch): it must take that window (the
+    InputGuard's shape, when the file has one, names the field that differs) and give finite logits
+    (1, K, *patch) with K the number of ``class_names``.
+
+    Raises:
+        UserError: naming the field of ``manifest`` that disagrees with the network ``name``.
+    """
+    expected = [bundle.in_channels, *bundle.patch_size]
+    taken = getattr(model, "shape", None)  # InputGuard: (C, *patch) the trace was made for
+    if isinstance(taken, list) and taken != expected:
+        if len(taken) != len(expected):
+            field, ours = "spatial_dims", bundle.spatial_dims
+        elif taken[0] != expected[0]:
+            field, ours = "in_channels", bundle.in_channels
+        else:
+            field, ours = "patch_size", list(bundle.patch_size)
+        raise UserError(f"{field} {ours} does not fit the network: {name} takes windows "
+                        f"(N, {', '.join(map(str, taken))})", manifest)
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((1, *expected), device=device))
+    except (RuntimeError, torch.jit.Error) as exc:
+        raise UserError(f"in_channels/patch_size: {name} does not run on one (1, "
+                        f"{', '.join(map(str, expected))}) window ({_last_line(exc)})", manifest) from exc
+    shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    k = len(bundle.class_names)
+    if not isinstance(out, torch.Tensor) or out.ndim != len(expected) + 1 or shape[2:] != bundle.patch_size:
+        raise UserError(f"patch_size {list(bundle.patch_size)}: {name} gives logits {shape} for one "
+                        f"window, not (1, K, {', '.join(map(str, bundle.patch_size))})", manifest)
+    if shape[1] != k:
+        raise UserError(f"class_names: {k} classes named (num_classes, label_values), but {name} gives "
+                        f"{shape[1]} (logits {shape} for one window)", manifest)
+    if not bool(torch.isfinite(out).all()):
+        raise UserError(f"{name} gives non-finite logits on a zero window", manifest)
+
+
+def _bundle(manifest: dict[str, Any], model: Any, file: Path) -> InferenceBundle:
+    """The InferenceBundle fields of a checked manifest (``check_manifest``)."""
+    try:
+        pp = Preprocessing.from_dict(manifest["preprocessing"])
+        pp.validate()
+    except (TypeError, ValueError, KeyError) as exc:
+        raise UserError(f"preprocessing: {exc}", file) from exc
+    values, mirror, axis = manifest.get("label_values"), manifest.get("mirror_axes"), manifest.get("slice_axis")
+    return InferenceBundle(
+        model=model, spatial_dims=manifest["spatial_dims"], patch_size=tuple(manifest["patch_size"]),
+        slice_axis=axis, preprocessing=pp, class_names=list(manifest["class_names"]),
+        in_channels=manifest["in_channels"], mirror_axes=None if mirror is None else tuple(mirror),
+        label_values=None if values is None else tuple(values))
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -87,11 +87,12 @@ class Predictor:
                         unsafe_load: bool = False, **kwargs) -> "Predictor":
         """Load ``path`` and wrap it: a checkpoint file with ``seg.checkpoint.load_for_inference``
         (``unsafe_load``: admit a file that needs full unpickling, which runs code stored in it), a
-        folder as an export of ``python -m seg.export`` with ``seg.export.load_export``."""
+        folder as an export of ``python -m seg.export`` with ``seg.export.load_export`` (its
+        TorchScript network is a program: it loads only with ``unsafe_load``)."""
         if Path(path).is_dir():
             from seg.export import load_export
 
-            return cls(load_export(path, device), **kwargs)
+            return cls(load_export(path, device, unsafe_load), **kwargs)
         from seg.checkpoint import load_for_inference
 
         return cls(load_for_inference(path, device, unsafe_load), **kwargs)

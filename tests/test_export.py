@@ -8,6 +8,7 @@ untrained 2D model saved the way ``seg.train`` saves one (slice axis 1, PointRen
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -77,7 +78,7 @@ def windows(bundle, n: int, seed: int) -> torch.Tensor:
 def test_torchscript_matches_eager_at_batch_1_and_3(exports, key) -> None:
     ckpt, folder = exports[key]
     eager = load_for_inference(ckpt)
-    exported = ex.load_export(folder)
+    exported = ex.load_export(folder, unsafe_load=True)
     assert isinstance(exported.model, torch.jit.ScriptModule)
     manifest = ex.read_manifest(folder)
     for n in (1, 3):
@@ -114,7 +115,7 @@ def test_onnx_matches_eager(exports, key) -> None:
 
 
 def test_guard_refuses_other_input_sizes(exports) -> None:
-    bundle = ex.load_export(exports["2d"][1])
+    bundle = ex.load_export(exports["2d"][1], unsafe_load=True)
     h, w = bundle.patch_size
     x = torch.zeros(2, 1, h, w, requires_grad=True)
     assert not bundle.model(x).requires_grad  # no autograd graph, as forward_infer
@@ -134,7 +135,7 @@ def test_infer_from_the_export_equals_the_checkpoint_3d(exports, trained_checkpo
     images = [str(sorted((data / "images").iterdir())[0])]  # 36x38x34 > 32^3: 8 windows
     for name, model in (("ckpt", ckpt), ("export", folder)):
         assert infer_seg.main(["--device", "cpu", "-i", *images, "-o", str(tmp_path / name), "-m",
-                               str(model), "--batch-size", "3"]) == 0  # batches of 3, 3, 2 windows
+                               str(model), "--batch-size", "3", "--unsafe-load"]) == 0  # batches of 3, 3, 2 windows
     a, b = _labels_of(tmp_path / "ckpt"), _labels_of(tmp_path / "export")
     assert list(a) == list(b) and len(a) == 1
     for key in a:
@@ -155,7 +156,7 @@ def test_infer_2d_export_slices_a_volume_like_the_checkpoint(exports, tmp_path) 
     sitk.WriteImage(img, str(tmp_path / "vol.nii.gz"))
     for name, model in (("ckpt", ckpt), ("export", folder)):
         assert infer_seg.main(["--device", "cpu", "-i", str(tmp_path / "vol.nii.gz"), "-o",
-                               str(tmp_path / name), "-m", str(model), "--tta"]) == 0
+                               str(tmp_path / name), "-m", str(model), "--tta", "--unsafe-load"]) == 0
     a, b = _labels_of(tmp_path / "ckpt"), _labels_of(tmp_path / "export")
     np.testing.assert_array_equal(a["vol.nii.gz"], b["vol.nii.gz"])
     assert b["vol.nii.gz"].shape == arr.shape and len(np.unique(b["vol.nii.gz"])) > 1
@@ -165,7 +166,7 @@ def test_infer_2d_export_slices_a_volume_like_the_checkpoint(exports, tmp_path) 
 @pytest.mark.parametrize("key", ["3d", "2d"])
 def test_manifest_round_trips_the_bundle(exports, key) -> None:
     ckpt, folder = exports[key]
-    eager, exported = load_for_inference(ckpt), ex.load_export(folder)
+    eager, exported = load_for_inference(ckpt), ex.load_export(folder, unsafe_load=True)
     for field in BUNDLE_FIELDS:
         assert getattr(exported, field) == getattr(eager, field), field
     manifest = json.loads((folder / ex.MANIFEST).read_text())
@@ -235,11 +236,14 @@ def test_infer_with_a_corrupt_manifest(exports, tmp_path, capsys) -> None:
     line = _one_error_line(capsys)
     assert str(bad / ex.MANIFEST) in line and "JSONDecodeError" in line
     assert not out.exists()
-    # a valid manifest whose network file is truncated
-    (bad / ex.MANIFEST).write_text(text)
+    # a valid manifest whose network file is truncated, its sha256 recorded
     blob = (exports["2d"][1] / ex.TORCHSCRIPT_FILE).read_bytes()
     (bad / ex.TORCHSCRIPT_FILE).write_bytes(blob[: len(blob) // 3])
-    assert infer_seg.main(["--device", "cpu", "-i", str(image), "-o", str(out), "-m", str(bad)]) == 2
+    manifest = json.loads(text)
+    manifest["networks"]["torchscript"]["sha256"] = hashlib.sha256(blob[: len(blob) // 3]).hexdigest()
+    (bad / ex.MANIFEST).write_text(json.dumps(manifest))
+    assert infer_seg.main(["--device", "cpu", "-i", str(image), "-o", str(out), "-m", str(bad),
+                           "--unsafe-load"]) == 2
     line = _one_error_line(capsys)
     assert str(bad / ex.TORCHSCRIPT_FILE) in line and "not a readable TorchScript file" in line
     assert not out.exists()
@@ -337,7 +341,7 @@ def test_onnx_falls_back_to_coarse_then_is_skipped(exports, tmp_path, monkeypatc
     assert sorted(p.name for p in (tmp_path / "none").iterdir()) == [ex.MANIFEST, ex.TORCHSCRIPT_FILE]
     warns = [r.message for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warns) == 1 and warns[0].startswith("ONNX skipped") and "\n" not in warns[0]
-    assert ex.load_export(tmp_path / "none").patch_size == (24, 20)  # the TorchScript side is whole
+    assert ex.load_export(tmp_path / "none", unsafe_load=True).patch_size == (24, 20)  # the TorchScript side is whole
 
 
 def test_mask_head_model_exports_at_any_batch(tmp_path) -> None:
@@ -355,8 +359,219 @@ def test_the_cpu_export_runs_on_cuda(exports) -> None:
     """Exported on the CPU, loaded with map_location='cuda': the traced graph follows the input's
     device (no CPU tensor frozen into it) and matches the eager model on the same device."""
     ckpt, folder = exports["3d"]
-    eager, exported = load_for_inference(ckpt, "cuda"), ex.load_export(folder, "cuda")
+    eager, exported = load_for_inference(ckpt, "cuda"), ex.load_export(folder, "cuda", unsafe_load=True)
     x = windows(eager, 3, seed=5).cuda()
     with torch.no_grad():
         ref, got = eager.model(x), exported.model(x)
     assert got.device.type == "cuda" and float((got - ref).abs().max()) <= TOL
+
+
+# ------------------------------------------------------------------------------ trust: opt-in, names, hashes, fields
+@pytest.fixture(scope="module")
+def small_export(tmp_path_factory) -> Path:
+    """A 2D export (patch 24x20, classes background/outer/inner, labels 0/1/4), TorchScript only."""
+    root = tmp_path_factory.mktemp("small_export")
+    ex.export_checkpoint(save_2d_checkpoint(root / "model2d.pt"), root / "export", onnx=False)
+    return root / "export"
+
+
+def _copy(folder: Path, target: Path, edit=None) -> Path:
+    """``folder`` hard-linked to ``target`` (the network file shared), its manifest rewritten by ``edit``."""
+    shutil.copytree(folder, target, copy_function=os.link)
+    if edit is not None:
+        manifest = json.loads((folder / ex.MANIFEST).read_text())
+        edit(manifest)
+        (target / ex.MANIFEST).unlink()  # a new file, not the fixture's through the hard link
+        (target / ex.MANIFEST).write_text(json.dumps(manifest))
+    return target
+
+
+def _infer(model: Path, tmp_path: Path, *extra: str) -> tuple[int, Path]:
+    """``infer_seg.py`` on one zero volume with ``model``; (exit status, output folder)."""
+    image, out = _image(tmp_path / "a.nii.gz"), tmp_path / "out"
+    return infer_seg.main(["--device", "cpu", "-i", str(image), "-o", str(out), "-m", str(model), *extra]), out
+
+
+def test_an_export_loads_only_with_unsafe_load(small_export, tmp_path, capsys) -> None:
+    """A TorchScript file is a program: without the opt-in nothing is loaded or written."""
+    from seg.predict import Predictor
+
+    rc, out = _infer(small_export, tmp_path)
+    assert rc == 2 and not out.exists()
+    assert _one_error_line(capsys) == (
+        f"error: {small_export / ex.TORCHSCRIPT_FILE}: is a TorchScript program: loading and running it "
+        "runs code stored in the file (its sha256 shows only that it is the file export.json names). If "
+        "you trust this export, load it with --unsafe-load (unsafe_load=True)")
+    for load in (ex.load_export, Predictor.from_checkpoint):
+        with pytest.raises(UserError, match=r"is a TorchScript program.*--unsafe-load"):
+            load(small_export)
+    rc, out = _infer(small_export, tmp_path, "--unsafe-load")
+    assert rc == 0 and sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]
+
+
+def test_help_says_export_folders_need_unsafe_load(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside the phrases
+    with pytest.raises(SystemExit):
+        infer_seg.parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert ("an export folder from python -m seg.export (its network is a TorchScript program: loads "
+            "only with --unsafe-load)") in text
+    assert ("also needed to load an export folder (-m DIR): its network is a TorchScript program, "
+            "which runs code stored in the file") in text
+
+
+def test_the_manifest_records_the_sha256_of_each_network_file(exports) -> None:
+    for _, folder in exports.values():
+        networks = json.loads((folder / ex.MANIFEST).read_text())["networks"]
+        assert sorted(networks) == ["onnx", "torchscript"]
+        for entry in networks.values():
+            assert entry["sha256"] == hashlib.sha256((folder / entry["file"]).read_bytes()).hexdigest()
+
+
+def test_a_changed_network_file_is_refused(small_export, tmp_path, capsys) -> None:
+    folder = tmp_path / "changed"
+    shutil.copytree(small_export, folder)  # a real copy: the file is changed below
+    blob = (folder / ex.TORCHSCRIPT_FILE).read_bytes() + b"\0"  # still a loadable zip
+    (folder / ex.TORCHSCRIPT_FILE).write_bytes(blob)
+    rc, out = _infer(folder, tmp_path, "--unsafe-load")
+    assert rc == 2 and not out.exists()
+    assert _one_error_line(capsys) == (
+        f"error: {folder / ex.TORCHSCRIPT_FILE}: sha256 {hashlib.sha256(blob).hexdigest()} differs from "
+        "the one export.json records: the file was changed or replaced after the export (export the "
+        "checkpoint again)")
+
+
+@pytest.mark.parametrize("key", ["torchscript", "onnx"])
+@pytest.mark.parametrize("name", ["ABSOLUTE", "../export/model.torchscript.pt", "sub/model.torchscript.pt",
+                                  "..", ".model.pt", "sub\\model.pt", "C:model.pt", ""])
+def test_network_files_are_plain_names_inside_the_folder(small_export, tmp_path, capsys, key, name) -> None:
+    """Before, an absolute path in export.json loaded and ran a file outside the folder."""
+    name = str(small_export / ex.TORCHSCRIPT_FILE) if name == "ABSOLUTE" else name
+    sha = hashlib.sha256((small_export / ex.TORCHSCRIPT_FILE).read_bytes()).hexdigest()
+
+    def edit(m):
+        m["networks"][key] = {**m["networks"]["torchscript"], "file": name, "sha256": sha}
+
+    folder = _copy(small_export, tmp_path / "exp", edit)
+    (folder / "sub").mkdir()
+    os.link(small_export / ex.TORCHSCRIPT_FILE, folder / "sub" / ex.TORCHSCRIPT_FILE)
+    rc, out = _infer(folder, tmp_path, "--unsafe-load")
+    assert rc == 2 and not out.exists()
+    assert _one_error_line(capsys) == (
+        f"error: {folder / ex.MANIFEST}: networks.{key}.file {ex._show(name)}: must be a plain file name "
+        "inside the export folder (letters, digits, '.', '_', '-'; no folder, no absolute path)")
+
+
+def test_a_network_file_linking_outside_the_folder_is_refused(small_export, tmp_path, capsys) -> None:
+    folder = _copy(small_export, tmp_path / "exp")
+    outside = tmp_path / "elsewhere.pt"
+    os.replace(folder / ex.TORCHSCRIPT_FILE, outside)
+    (folder / ex.TORCHSCRIPT_FILE).symlink_to(outside)
+    rc, out = _infer(folder, tmp_path, "--unsafe-load")
+    assert rc == 2 and not out.exists()
+    assert _one_error_line(capsys) == (f"error: {folder / ex.TORCHSCRIPT_FILE}: links to {outside.resolve()}, "
+                                       "outside the export folder: refused")
+
+
+def _set(path: str, value):
+    """An edit setting the manifest field ``path`` ('a.b' for nested fields; value DELETE removes it)."""
+    def edit(m):
+        *parents, last = path.split(".")
+        for p in parents:
+            m = m[p]
+        if value is DELETE:
+            del m[last]
+        else:
+            m[last] = value
+    return edit
+
+
+DELETE = object()
+TWO_CLASSES = "class_names: 2 classes named (num_classes, label_values), but model.torchscript.pt gives 3 " \
+              "(logits (1, 3, 24, 20) for one window)"
+CT_RULE = "channel 0 is normalised 'ct', which needs finite mean, std, clip_low, clip_high (std >= 0, " \
+          "clip_low <= clip_high)"
+LABEL_RULE = "must be null or 3 distinct label values (one per class name) a uint16 label map holds"
+AXES_RULE = "must be null or distinct spatial axes in 0..1"
+TAKES = "does not fit the network: model.torchscript.pt takes windows (N, 1, 24, 20)"
+TAMPERED = {  # id: (edits, the error after '<DIR>/export.json: ')
+    "classes cut, label_values [0, 1]": ([_set("class_names", ["background", "outer"]), _set("num_classes", 2),
+                                         _set("label_values", [0, 1])], TWO_CLASSES),
+    "classes cut, label_values null": ([_set("class_names", ["background", "outer"]), _set("num_classes", 2),
+                                       _set("label_values", None)], TWO_CLASSES),
+    "classes cut, num_classes stale": ([_set("class_names", ["background", "outer"]), _set("label_values", None)],
+                                       "num_classes 3: must equal the number of class_names (2)"),
+    "ct, statistics incomplete": ([_set("preprocessing.normalization", "ct"),
+                                   _set("preprocessing.intensity_stats", [{"mean": 0.0, "std": 1.0}])],
+                                  f"preprocessing.intensity_stats[0] {{'mean': 0.0, 'std': 1.0}}: {CT_RULE}"),
+    "ct, no statistics": ([_set("preprocessing.normalization", ["ct"])],
+                          f"preprocessing.intensity_stats[0] None: {CT_RULE}"),
+    "ct, clip inverted": ([_set("preprocessing.normalization", "ct"), _set("preprocessing.intensity_stats", [
+        {"mean": 0.0, "std": 1.0, "clip_low": 5.0, "clip_high": -5.0}])],
+        f"preprocessing.intensity_stats[0] {{'clip_high': -5.0, 'clip_low': 5.0, 'mean': 0.0, 'std': 1.0}}: "
+        f"{CT_RULE}"),
+    "patch edited": ([_set("patch_size", [20, 20])], f"patch_size [20, 20] {TAKES}"),
+    "in_channels edited": ([_set("in_channels", 2)], f"in_channels 2 {TAKES}"),
+    "spatial_dims edited": ([_set("spatial_dims", 3)],
+                            "patch_size [24, 20]: must be 3 positive integers (spatial_dims 3)"),
+    "mirror axis 5": ([_set("mirror_axes", [0, 5])], f"mirror_axes [0, 5]: {AXES_RULE}"),
+    "mirror axis twice": ([_set("mirror_axes", [1, 1])], f"mirror_axes [1, 1]: {AXES_RULE}"),
+    "label value twice": ([_set("label_values", [0, 1, 1])], f"label_values [0, 1, 1]: {LABEL_RULE}"),
+    "label value 70000": ([_set("label_values", [0, 1, 70000])], f"label_values [0, 1, 70000]: {LABEL_RULE}"),
+    "label value negative": ([_set("label_values", [0, -1, 4])], f"label_values [0, -1, 4]: {LABEL_RULE}"),
+    "patch_size a string": ([_set("patch_size", "24x20")],
+                            "patch_size '24x20': must be 2 positive integers (spatial_dims 2)"),
+    "in_channels a bool": ([_set("in_channels", True)], "in_channels True: must be a positive integer"),
+    "class_names a string": ([_set("class_names", "background")],
+                             "class_names 'background': must be a list of non-empty names, background first"),
+    "slice_axis 3": ([_set("slice_axis", 3)], "slice_axis 3: must be null or an axis 0, 1 or 2"),
+    "preprocessing a list": ([_set("preprocessing", [])], "preprocessing []: must be an object"),
+    "preprocessing, unknown field": ([_set("preprocessing.gamma", 1.0)], "preprocessing ['gamma']: unknown "
+                                     "field(s) (known: normalization, intensity_stats, ct_window, target_spacing)"),
+    "normalization unknown": ([_set("preprocessing.normalization", "zscore2")], "NORMALIZATION"),
+    "normalization per channel, 2 of 1": ([_set("preprocessing.normalization", ["zscore", "zscore"])],
+                                           "NORMALIZATION"),
+    "ct_window inverted": ([_set("preprocessing.ct_window", [100, 0])],
+                           "preprocessing.ct_window [100, 0]: must be [low, high], finite, low < high"),
+    "target_spacing negative": ([_set("preprocessing.target_spacing", [1.0, -1.0])],
+                                "preprocessing.target_spacing [1.0, -1.0]: must be null or 2 or 3 positive "
+                                "spacings (mm)"),
+    "networks a list": ([_set("networks", [])], "networks []: must be an object with a 'torchscript' entry"),
+    "sha256 missing": ([_set("networks.torchscript.sha256", DELETE)],
+                       "networks.torchscript.sha256 None: must be the file's sha256 (64 lowercase hex digits)"),
+    "output shape stale": ([_set("networks.torchscript.output.shape", ["N", 2, 24, 20])],
+                           "networks.torchscript.output.shape ['N', 2, 24, 20]: must be ['N', 3, 24, 20] (from "
+                           "in_channels, class_names and patch_size)"),
+    "format_version 1": ([_set("format_version", 1)], "export format_version 1; this version reads 2 (written "
+                         "before file hashes were recorded: export the checkpoint again)"),
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERED))
+def test_a_tampered_manifest_is_one_line_naming_the_field(small_export, tmp_path, capsys, case) -> None:
+    """Every field is checked before the first case (the network's class count and input shape by
+    one dry run); before, these wrote unnamed labels (exit 0) or ended in tracebacks."""
+    from seg.preprocess import NORMALIZATIONS
+
+    edits, expected = TAMPERED[case]
+    folder = _copy(small_export, tmp_path / "exp", lambda m: [e(m) for e in edits])
+    if expected == "NORMALIZATION":
+        value = json.loads((folder / ex.MANIFEST).read_text())["preprocessing"]["normalization"]
+        expected = (f"preprocessing.normalization {value!r}: must be one of {', '.join(NORMALIZATIONS)}, or "
+                    "a list with one per input channel (1)")
+    rc, out = _infer(folder, tmp_path, "--unsafe-load", "--tta")
+    assert rc == 2 and not out.exists()
+    assert _one_error_line(capsys) == f"error: {folder / ex.MANIFEST}: {expected}"
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  '{"format_version": 2, "x": ' + "[" * 100_000 + "]" * 100_000 + "}"],
+                         ids=["nested array", "nested field"])
+def test_a_deeply_nested_manifest_is_one_line(small_export, tmp_path, capsys, text) -> None:
+    folder = _copy(small_export, tmp_path / "exp")
+    (folder / ex.MANIFEST).unlink()
+    (folder / ex.MANIFEST).write_text(text)
+    rc, out = _infer(folder, tmp_path, "--unsafe-load")
+    assert rc == 2 and not out.exists()
+    assert _one_error_line(capsys) == f"error: {folder / ex.MANIFEST}: not a readable export manifest (JSON " \
+                                      "nested too deeply)"
