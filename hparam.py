@@ -37,10 +37,10 @@ class DataConfig:
     # ---- written to RUN/plan.json; any explicit value overrides it (README: "The plan")
     target_spacing: tuple[float, ...] | None | str = "auto"  # mm per axis; auto: median (thick axis of anisotropic data kept thick); None: native grids
     patch_size: tuple[int, ...] | str = "auto"   # training patch (X, Y, Z) in 3D, the two in-plane axes in 2D; auto: median case, rounded up to the model's strides, within the budget
-    patch_voxel_budget: int | None = None        # patch budget in voxels; None: 131072 in 3D (64x64x32), 32768 in 2D
+    patch_voxel_budget: int | None = None        # patch budget in voxels; None: seg/plan.py's PATCH_BUDGET for data.spatial_dims
     slice_axis: int | str = "auto"               # 2D: array axis of (X, Y, Z) volumes sliced along; auto: the thickest (ties: axial)
     normalization: str | list[str] = "auto"      # 'zscore', 'zscore_nonzero', 'ct' (clip + z-score by training-set stats), 'window' (ct_window to [-1, 1]), 'none', 'rescale_to_0_1', 'rgb_to_0_1', or one per channel; auto: the scheme nnU-Net gives a dataset.json channel name (any other name: z-score), else CT by HU range; z-score masked to non-zero by nnU-Net's crop rule
-    ct_window: tuple[float, float] = (-1000.0, 1000.0)   # HU window for normalization='window'
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)   # HU window for normalization='window'; = seg.preprocess.Preprocessing's default (tested)
     intensity_stats: list[dict[str, float]] | None = None  # set by the plan: per-channel foreground mean/std/clip of the training set ('ct'); leave None
     mirror_axes: tuple[int, ...] | str = "auto"  # axes of the patch mirrored in augmentation (and --tta); (): off; auto: all
     rotation_axes: tuple[int, ...] | str = "auto"  # axes rotated about (augment_affine); auto: all, only the thick axis on anisotropic data
@@ -81,7 +81,7 @@ class ModelConfig:
     backbone: str = "convnext_atto"              # any name of backbones.list_backbones()
     backbone_kwargs: dict[str, Any] = field(default_factory=lambda: {"kernel_size": 3})  # ConvNeXt options; 3^d depthwise kernels: a third of the 7^d backbone's time, same Dice (README); other backbones: {}
     pretrained: str | None = None                # local path to 2D ImageNet weights (inflated in 3D)
-    head: str = "unet"                           # coarse head: 'unet' (decoder to stride 2 with input stages, deep supervision), 'deeplab' (ASPP, stride 8) or 'mask' (7^d MLP)
+    head: str = "unet"                           # coarse head: 'unet' (U-Net decoder, input stages, deep supervision; options: heads/unet.py), 'deeplab' (ASPP, stride 8) or 'mask' (7^d MLP); = seg.model.DEFAULT_HEAD (tested)
     head_kwargs: dict[str, Any] = field(default_factory=dict)      # e.g. {"output_stride": 1} (unet), {"output_stride": 8} (deeplab)
     pointrend: PointRendConfig = field(default_factory=PointRendConfig)
 

@@ -42,10 +42,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-m", "--model", required=True,
                    help="checkpoint file (.pt) from train_seg.py, or an export folder from python -m seg.export "
                         "(its network is a TorchScript program: loads only with --unsafe-load)")
-    p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    from seg.inference import BLEND_MODES, DEFAULT_BATCH_SIZE, DEFAULT_BLEND, DEFAULT_OVERLAP
+
+    p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help="sliding-window overlap in [0, 1)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (along the axes mirrored in training)")
-    p.add_argument("--blend", default="gaussian", choices=("gaussian", "constant", "hann"),
-                   help="weighting of overlapping windows")
+    p.add_argument("--blend", default=DEFAULT_BLEND, choices=BLEND_MODES, help="weighting of overlapping windows")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write OUT/probabilities/<case> (float32, one channel per class)")
     from seg.predict import OUTPUT_FORMATS
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "segmentation file, named segments; 'dicom-seg': a DICOM Segmentation object over "
                         "the source series, one segment per class, DICOM inputs only)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=4, help="windows per network call")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per network call")
     p.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
     p.add_argument("--suffix", default="", help="appended to each output name, e.g. _seg")
     p.add_argument("--labels", help="label folder: evaluate the predicted cases into OUT/evaluation "

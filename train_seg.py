@@ -34,8 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "optimiser, schedule, RNG); --set may only extend train.iterations or "
                          "train.max_minutes")
     ap.add_argument("--overwrite", action="store_true",
-                    help="start a new run in an output folder that holds another run (its checkpoints, "
-                         "logs and plan are deleted first)")
+                    help="start a new run (or --plan-only) in an output folder that holds another run (its "
+                         "checkpoints, logs and plan are deleted first)")
     ap.add_argument("--plan-only", action="store_true",
                     help="fingerprint the training cases, print the plan, write OUTPUT_DIR/plan.json, stop")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace, rank: int = 0, prefix: str = "") -> int:
     else:
         cfg = apply_overrides(load_config(args.config), args.set)
     if args.plan_only:
-        planned_config(cfg, cfg.train.output_dir, progress=not args.no_progress)
+        planned_config(cfg, cfg.train.output_dir, progress=not args.no_progress, overwrite=args.overwrite)
         print(f"plan written to {cfg.train.output_dir}/plan.json")
         return 0
     try:

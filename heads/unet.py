@@ -8,21 +8,25 @@ the backbone lacks:
 
 * ``input stages``: light conv stages on the *input* at the strides finer than the backbone's
   finest level and not finer than the logits (stride 2, or 1 and 2, for ConvNeXt), nnU-Net's
-  first encoder stages in miniature (two 3^d conv-norm-LeakyReLU each, the first strided; 16
-  channels by default: at stride 2 this stage and its decoder stage cost most of the head's
-  FLOPs; 32 channels there made backbone + head about 1.6x slower on a 40x56x40 patch);
+  first encoder stages in miniature (two 3^d conv-norm-LeakyReLU each, the first strided; narrow
+  by default (``input_channels``): at stride 2 this stage and its decoder stage cost most of the
+  head's FLOPs; twice the default width there made backbone + head about 1.6x slower on a 40x56x40
+  patch);
 * a decoder: from the deepest level, upsample x2 (trilinear), concatenate the next finer level
   (backbone level or input stage), two 3^d conv-norm-LeakyReLU; the width of each decoder stage is
   its skip's width (capped by ``max_channels``);
-* logits at ``output_stride`` (default 2: PointRend refines the last factor 2, its subdivision
+* logits at ``output_stride`` (the default, 2, leaves PointRend the last factor 2: its subdivision
   has a stride-1 step to render; 1 gives full-resolution logits and leaves the point head only
   its training loss).
 
-Deep supervision (nnU-Net's; default 2): with ``deep_supervision=k`` the head also returns logits
-of the ``k`` next coarser decoder stages during training (``forward`` -> (logits, [aux, ...]) when
+Deep supervision: with ``deep_supervision=k`` the head also returns logits of the ``k`` next
+coarser decoder stages during training (``forward`` -> (logits, [aux, ...]) when
 ``self.training``); ``SegmentationModel.loss`` weights main and auxiliary terms 1, 1/2, 1/4, ...
-normalised to sum 1 (``seg.losses.ce_dice_losses``), each auxiliary term against the labels
-nearest-resampled to its grid.
+normalised to sum 1 (``seg.losses.deep_supervision_weights``), each auxiliary term against the
+labels nearest-resampled to its grid.  nnU-Net halves its weights the same way but supervises
+every decoder stage and gives the lowest-resolution output weight 0.
+
+The defaults of every option are those of ``UNetHead``'s signature (the one place they are set).
 """
 from __future__ import annotations
 

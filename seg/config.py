@@ -32,7 +32,7 @@ def load_config(path: str | None = None) -> Any:
         cfg = module.get_config()
     except Exception as exc:  # a user's function: report it like the file above
         raise ConfigError(f"get_config() failed: {type(exc).__name__}: {exc}", path) from exc
-    cfg._source = str(path)  # relative data paths resolve against the config file's folder
+    cfg._source = str(path.absolute())  # relative data paths resolve against the config file's folder
     return cfg
 
 

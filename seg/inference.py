@@ -43,6 +43,9 @@ from seg.ops import to_ntuple
 logger = logging.getLogger(__name__)
 
 BLEND_MODES = ("gaussian", "constant", "hann")
+#: the defaults of ``sliding_window_inference``, ``seg.predict.Predictor`` and ``infer_seg.py`` (set
+#: here only): overlap of neighbouring windows, windows per network call, blending
+DEFAULT_OVERLAP, DEFAULT_BATCH_SIZE, DEFAULT_BLEND = 0.5, 4, "gaussian"
 ACTIVATIONS = (None, "softmax", "sigmoid")
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
@@ -88,7 +91,7 @@ def _weight_cpu(patch: tuple[int, ...], blend: str, sigma_scale: tuple[float, ..
     return w.clamp_(min=max(float(w.min()), 1e-3))
 
 
-def blend_weight(patch_size: Sequence[int], blend: str = "gaussian", sigma_scale: float | Sequence[float] = 0.125,
+def blend_weight(patch_size: Sequence[int], blend: str = DEFAULT_BLEND, sigma_scale: float | Sequence[float] = 0.125,
                  device: torch.device | str = "cpu") -> torch.Tensor:
     """The (*patch_size) float32 weight map used to blend overlapping windows (cached).
 
@@ -164,8 +167,8 @@ def _default_device(predictor: Predictor, inputs: torch.Tensor) -> torch.device:
 
 def sliding_window_inference(
         inputs: torch.Tensor, predictor: Predictor, patch_size: Sequence[int] | int,
-        overlap: float | Sequence[float] = 0.5, blend: str = "gaussian",
-        sigma_scale: float | Sequence[float] = 0.125, batch_size: int = 4,
+        overlap: float | Sequence[float] = DEFAULT_OVERLAP, blend: str = DEFAULT_BLEND,
+        sigma_scale: float | Sequence[float] = 0.125, batch_size: int = DEFAULT_BATCH_SIZE,
         tta: bool | Sequence[int] = False, activation: str | None = None,
         device: torch.device | str | None = None, output_device: torch.device | str = "cpu",
         pad_value: float = 0.0, progress: bool = False) -> torch.Tensor:
@@ -176,7 +179,7 @@ def sliding_window_inference(
         predictor: callable mapping (B, C, *P) to (B, K, *P) (logits); e.g. a model in eval mode.
         patch_size: window size per spatial axis (or one int for all).
         overlap: fraction of overlap between neighbouring windows, per axis or one value, in [0, 1).
-        blend: 'gaussian' (default), 'hann' or 'constant' weighting of each window.
+        blend: 'gaussian', 'hann' or 'constant' weighting of each window.
         sigma_scale: Gaussian sigma as a fraction of the patch size.
         batch_size: windows per predictor call (windows of all N images are batched together).
         tta: mirror test-time augmentation: False, True (all spatial axes) or the axes to mirror.

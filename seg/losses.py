@@ -52,8 +52,12 @@ def soft_dice_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
 
 def deep_supervision_weights(count: int) -> list[float]:
-    """nnU-Net's weights of the main and ``count`` auxiliary outputs: 1, 1/2, 1/4, ... normalised
-    to sum 1."""
+    """Weights of the main and ``count`` auxiliary outputs: 1, 1/2, 1/4, ... normalised to sum 1
+    (count 2: 4/7, 2/7, 1/7).
+
+    nnU-Net halves its weights the same way, but over every decoder output, and gives the
+    lowest-resolution one weight 0; here every output counted is weighted.
+    """
     raw = [0.5 ** i for i in range(count + 1)]
     return [w / math.fsum(raw) for w in raw]
 

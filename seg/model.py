@@ -25,6 +25,10 @@ from seg.registry import unknown_name_message
 
 logger = logging.getLogger(__name__)
 
+#: The backbone and coarse head a model gets when none is named: ``hparam.ModelConfig``'s defaults
+#: (``tests/test_defaults.py`` keeps the two equal).
+DEFAULT_BACKBONE, DEFAULT_HEAD = "convnext_atto", "unet"
+
 #: The point-head options, named as ``hparam.PointRendConfig`` names them.  Their defaults live
 #: there and only there (per-patch point budgets are planned from the data, ``seg.plan``); this
 #: module takes a complete set of values.
@@ -229,9 +233,10 @@ class SegmentationModel(nn.Module):
     def loss(self, out: TrainOutput, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         """Losses: 'coarse_ce' + 'coarse_dice' on the coarse logits upsampled to the label size,
         'point' cross-entropy on the point logits (0 without PointRend), and their sum 'total'.
-        With deep supervision the coarse terms are nnU-Net's weighted sum over the main and the
-        auxiliary logits (weights 1, 1/2, 1/4, ... normalised, ``seg.losses.ce_dice_losses``), each auxiliary
-        term against the labels nearest-resampled to its grid, as nnU-Net does.
+        With deep supervision the coarse terms are a weighted sum over the main and the auxiliary
+        logits (weights 1, 1/2, 1/4, ... normalised, ``seg.losses.deep_supervision_weights``; how they
+        differ from nnU-Net's is written there), each auxiliary term against the labels
+        nearest-resampled to its grid, as nnU-Net does.
 
         Args:
             out: ``forward_train`` result.
@@ -245,7 +250,7 @@ class SegmentationModel(nn.Module):
 
 
 def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
-                   head: str = "deeplab", head_kwargs: dict | None = None,
+                   head: str = DEFAULT_HEAD, head_kwargs: dict | None = None,
                    pointrend: Any = None, in_channels: int = 1) -> SegmentationModel:
     """Build heads for an existing backbone module (anything with ``feature_info``); ``in_channels``
     is the input's channel count (the point head reads it with ``image_features``)."""
@@ -281,8 +286,8 @@ def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
 
 
 def build_model(spatial_dims: int, in_channels: int, num_classes: int,
-                backbone: str = "convnext_atto", backbone_kwargs: dict | None = None,
-                head: str = "deeplab", head_kwargs: dict | None = None,
+                backbone: str = DEFAULT_BACKBONE, backbone_kwargs: dict | None = None,
+                head: str = DEFAULT_HEAD, head_kwargs: dict | None = None,
                 pointrend: Any = None) -> SegmentationModel:
     """Build a segmentation model from JSON-friendly options.
 
@@ -292,7 +297,7 @@ def build_model(spatial_dims: int, in_channels: int, num_classes: int,
         num_classes: K, including background.
         backbone: registered backbone name (``backbones.list_backbones()``).
         backbone_kwargs: options for ``backbones.build_backbone``.
-        head: 'deeplab' or 'mask'.
+        head: registered coarse head (``heads.list_heads()``: 'unet', 'deeplab', 'mask').
         head_kwargs: options for the head (see ``heads``).
         pointrend: None/False (no point head), or an ``hparam.PointRendConfig`` / its dict with
             every option of ``POINTREND_OPTIONS`` (point budgets resolved, not 'auto').

@@ -37,7 +37,8 @@ FINGERPRINT_VERSION = 2
 SAMPLES_PER_CASE = 10_000
 #: spacing ratio above which data count as anisotropic (nnU-Net's threshold)
 ANISOTROPY_RATIO = 3.0
-#: cropping to the non-zero box must remove at least this share for non-zero masking (nnU-Net: 25 %)
+#: cropping to the non-zero box must remove more than this share for non-zero masking (nnU-Net's
+#: rule: median relative size after cropping < 3/4)
 NONZERO_CROP_SHARE = 0.25
 #: a patch axis may exceed the median case by this share when rounded up to a stride
 PAD_TOLERANCE = 0.25
@@ -59,8 +60,9 @@ TRAIN_POINT_SHARE, MIN_TRAIN_POINTS = 1 / 32, 256
 #: subdivision points per step as a share of the patch cells (the measured defaults: 3D 6,144 of
 #: 64x64x32, benchmarks/pointrend.py; 2D about 8,192 of 160x192)
 SUBDIVISION_SHARE = {3: 3 / 64, 2: 1 / 4}
-#: batch size: patches per step fill the patch budget (nnU-Net's rule), at least 2, and together
-#: cover at most 5 % of the training set's voxels (nnU-Net's cap)
+#: batch size: patches per step fill the patch budget (our rule: nnU-Net sizes its batch from a
+#: memory estimate of its network), at least 2, and together cover at most 5 % of the training
+#: set's voxels (nnU-Net's floor and cap; it counts the voxels after cropping and rounds the cap)
 MIN_BATCH, MAX_BATCH_SHARE = 2, 0.05
 #: CT: integer intensities reaching this value (air is -1000 HU) are read as Hounsfield units
 CT_MIN_HU = -500.0
@@ -254,10 +256,13 @@ def plan_target_spacing(spacings: Sequence[Sequence[float]], sizes: Sequence[Seq
                         ) -> tuple[float, ...]:
     """The median spacing per axis; on anisotropic data the thick axis keeps a thick spacing.
 
-    As nnU-Net: when the median thick-axis spacing exceeds ``ANISOTROPY_RATIO`` times the others and
-    that axis has few voxels (fewer than a third of the others'), its target is the 10th percentile of
-    its spacings (not below the other axes' target), so the thickest cases are not blown up in-plane
-    ratios and the thin ones are not thinned to voxels that do not exist.
+    When the median thick-axis spacing exceeds ``ANISOTROPY_RATIO`` times the others and that axis
+    has few voxels (fewer than a third of the others'), its target is the 10th percentile of its
+    spacings (not below the other axes' target), so the thickest cases are not blown up in-plane
+    ratios and the thin ones are not thinned to voxels that do not exist.  nnU-Net's rule, except
+    what the voxel test counts: nnU-Net takes the median of the native sizes after cropping to the
+    non-zero box, this rule the median size resampled to the median spacing, uncropped (the same
+    decision on every demo data set; README, "The plan").
     """
     sp, sz = np.asarray(spacings, float), np.asarray(sizes, float)
     target = np.median(sp, axis=0)
@@ -399,7 +404,7 @@ def plan_normalization(channel: dict[str, Any], nonzero_crop_ratio: float, named
     * 'ct' when the intensities are integers reaching ``CT_MIN_HU`` (Hounsfield units: air is -1000):
       clip to the foreground's 0.5-99.5 percentiles, z-score with the foreground mean and std of the
       whole training set (nnU-Net's CT scheme);
-    * 'zscore_nonzero' when cropping to the box of the non-zero voxels would remove at least
+    * 'zscore_nonzero' when cropping to the box of the non-zero voxels would remove more than
       ``NONZERO_CROP_SHARE`` of the median case (nnU-Net's rule: zero is then 'outside', e.g. a
       skull-stripped brain in a large field of view); statistics over the non-zero voxels, zero stays 0;
     * 'zscore' (per image, over every voxel) otherwise: MRI and the rest.  A skull-on head with air
@@ -409,7 +414,7 @@ def plan_normalization(channel: dict[str, Any], nonzero_crop_ratio: float, named
         return named
     if named is None and channel["integer"] and channel["min"] <= CT_MIN_HU:
         return "ct"
-    if nonzero_crop_ratio <= 1.0 - NONZERO_CROP_SHARE:
+    if nonzero_crop_ratio < 1.0 - NONZERO_CROP_SHARE:
         return "zscore_nonzero"
     return "zscore"
 
@@ -443,7 +448,8 @@ def plan_batch_size(patch: Sequence[int], budget: int, dataset_voxels: float) ->
     """Patches per step: as many as the patch budget holds (``budget // patch``; small 2D slices get
     large batches, a budget-sized 3D patch gets the minimum), at least ``MIN_BATCH``, and no more
     than cover ``MAX_BATCH_SHARE`` of the training set's voxels (in the network's dimensions:
-    slices count as voxels of their volume)."""
+    slices count as voxels of their volume).  Floor and cap are nnU-Net's; the budget rule is ours
+    (nnU-Net scales a reference batch by its network's estimated GPU memory)."""
     cells = math.prod(patch)
     cap = int(dataset_voxels * MAX_BATCH_SHARE // cells)
     return max(MIN_BATCH, min(budget // cells, cap))
@@ -597,7 +603,7 @@ def _normalization_why(fp: dict[str, Any], norms: list[str], named: Sequence[str
         return f"integer intensities down to {ch['min']:.0f} (Hounsfield units): clip to foreground 0.5-99.5 %"
     crop = 1 - fp["nonzero_crop_ratio"]
     return (f"cropping to the non-zero box removes {crop:.0%} of the median case "
-            f"({'>=' if norms[0] == 'zscore_nonzero' else '<'} {NONZERO_CROP_SHARE:.0%})")
+            f"({'>' if norms[0] == 'zscore_nonzero' else '<='} {NONZERO_CROP_SHARE:.0%})")
 
 
 def _set(cfg: Any, field: str, value: Any) -> None:

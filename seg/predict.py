@@ -25,7 +25,8 @@ import torch
 
 from seg import io
 from seg.errors import DataError, UserError
-from seg.inference import predict_volume_2d, sliding_window_inference
+from seg.inference import (DEFAULT_BATCH_SIZE, DEFAULT_BLEND, DEFAULT_OVERLAP, predict_volume_2d,
+                           sliding_window_inference)
 from seg.preprocess import check_intensities, normalize, resample, target_grid
 
 logger = logging.getLogger(__name__)
@@ -67,8 +68,8 @@ class Predictor:
         progress: per-window progress bar inside each case.
     """
 
-    def __init__(self, bundle, overlap: float = 0.5, tta: bool | Sequence[int] = False,
-                 batch_size: int = 4, blend: str = "gaussian",
+    def __init__(self, bundle, overlap: float = DEFAULT_OVERLAP, tta: bool | Sequence[int] = False,
+                 batch_size: int = DEFAULT_BATCH_SIZE, blend: str = DEFAULT_BLEND,
                  output_device: str | torch.device = "cpu", progress: bool = False) -> None:
         self.bundle = bundle
         self.model = bundle.model.eval()
@@ -199,6 +200,19 @@ def _labels_and_probabilities(logits: torch.Tensor, with_probs: bool
     return labels, (logits.numpy() if with_probs else None)
 
 
+def check_suffix(suffix: str) -> str:
+    """``suffix`` when it only extends a file name inside the output folder.
+
+    Raises:
+        UserError: a path separator ('/', '\\') or '..' (``'/../../x'`` would write outside the
+            output folder).
+    """
+    if any(c and c in suffix for c in ("/", "\\", os.sep, os.altsep)) or ".." in suffix:
+        raise UserError(f"--suffix {suffix!r} must only extend the output file names (e.g. _seg): "
+                        "no path separators, no '..'")
+    return suffix
+
+
 def output_path(case: io.Case, out_dir: str | os.PathLike, suffix: str = "", fmt: str = "same",
                 probabilities: bool = False) -> Path:
     """Output file of a case: the case name (``seg.io``: a channel suffix removed) + suffix, in ``fmt``.
@@ -208,8 +222,10 @@ def output_path(case: io.Case, out_dir: str | os.PathLike, suffix: str = "", fmt
     maps only.
 
     Raises:
-        UserError: an unknown format, or 'dicom-seg' for a case that is not a DICOM series.
+        UserError: an unknown format, 'dicom-seg' for a case that is not a DICOM series, or a
+            ``suffix`` that is not one (``check_suffix``).
     """
+    check_suffix(suffix)
     if fmt not in OUTPUT_FORMATS:
         raise UserError(f"unknown output format {fmt!r}; choose from {', '.join(OUTPUT_FORMATS)}")
     if fmt == "dicom-seg" and not case.is_dicom:

@@ -33,7 +33,8 @@ class Preprocessing:
         normalization: one of ``NORMALIZATIONS`` for every channel, or one per channel.
         intensity_stats: per channel {mean, std, clip_low, clip_high} of the training set's
             foreground ('ct' needs them; the plan fills them in), or None.
-        ct_window: (low, high) Hounsfield window for 'window'.
+        ct_window: (low, high) Hounsfield window for 'window' (the default is set here only;
+            ``hparam.DataConfig.ct_window`` equals it, ``tests/test_defaults.py``).
         target_spacing: resample to this spacing (mm, per spatial axis) before the network; None keeps
             the native grid.
     """
@@ -74,7 +75,8 @@ class Preprocessing:
         d["normalization"] = norm if isinstance(norm, str) else tuple(norm)
         stats = d.get("intensity_stats")
         d["intensity_stats"] = None if stats is None else tuple(dict(x) for x in stats)
-        d["ct_window"] = tuple(d.get("ct_window", (-1000.0, 1000.0)))
+        if "ct_window" in d:  # older checkpoints may lack it: the field's default applies
+            d["ct_window"] = tuple(d["ct_window"])
         ts = d.get("target_spacing")
         d["target_spacing"] = None if ts is None else tuple(float(s) for s in ts)
         return cls(**d)

@@ -20,6 +20,7 @@ import csv
 import dataclasses
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -107,6 +108,19 @@ def resolve_data_path(cfg: Any, *parts: str | None) -> Path | None:
         base = Path(getattr(cfg, "_source", Path(__file__).resolve().parent.parent / "hparam.py")).parent
         root = base / root
     return root.joinpath(*parts[1:]) if parts[0] == "root" else root.joinpath(*parts)
+
+
+def stored_config(cfg: Any) -> dict[str, Any]:
+    """``cfg.to_dict()`` with its paths absolute, as a checkpoint stores it, so that a run resumes
+    from any working folder: ``data.root`` resolved against the config file's folder
+    (``resolve_data_path``), ``model.pretrained`` and ``train.output_dir`` against the working
+    folder (the folders under ``data.root`` stay relative to it)."""
+    out = cfg.to_dict()
+    out["data"]["root"] = os.path.abspath(resolve_data_path(cfg, "root"))
+    if cfg.model.pretrained:
+        out["model"]["pretrained"] = os.path.abspath(cfg.model.pretrained)
+    out["train"]["output_dir"] = os.path.abspath(cfg.train.output_dir)
+    return out
 
 
 class CsvLog:
@@ -202,14 +216,18 @@ def plan_run(cfg: Any, train_cases: list, out_dir: Path | None, ctx: distr.DistC
     return planned, decisions, fp
 
 
-def planned_config(cfg: Any, out_dir: str | Path | None = None, progress: bool = False
-                   ) -> tuple[Any, tuple[list, list]]:
+def planned_config(cfg: Any, out_dir: str | Path | None = None, progress: bool = False,
+                   overwrite: bool = False) -> tuple[Any, tuple[list, list]]:
     """``cfg`` with its plan resolved, and its (training, validation) cases: what ``train`` does
-    before the first step (benchmarks and tests use it to get the same settings)."""
+    before the first step (benchmarks and tests use it to get the same settings;
+    ``train_seg.py --plan-only``).  ``out_dir`` (for ``plan.json`` and ``fingerprint.json``) follows
+    training's folder rule (``claim_output_dir``): a folder holding another run is refused, or with
+    ``overwrite`` that run's files are deleted first."""
     cfg = described_config(with_iterations(cfg.validate()), progress)
     cases = find_data(cfg)
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
+        claim_output_dir(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
     return plan_run(cfg, cases[0], out, progress=progress)[0], cases
 
@@ -351,8 +369,8 @@ def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: i
             "plan": plan,
             "iteration": iteration,
             "best": best,
-            "config": cfg.to_dict(),
-        "config_source": getattr(cfg, "_source", None),
+            "config": stored_config(cfg),
+        "config_source": None if getattr(cfg, "_source", None) is None else os.path.abspath(cfg._source),
         }),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

@@ -7,6 +7,7 @@ shows its traceback and exits with status 1.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -139,6 +140,29 @@ def test_checkpoint_needing_unpickling_requires_the_opt_in(tmp_path, checkpoints
     assert [p.name for p in out.iterdir()] == ["a.nrrd"]
 
 
+def test_suffix_that_is_a_path_is_refused_before_writing(tmp_path, checkpoints) -> None:
+    (tmp_path / "in").mkdir()
+    write_image(tmp_path / "in" / "a.nrrd")
+    out = tmp_path / "work" / "out"
+    line = one_error_line(infer("-i", str(tmp_path / "in"), "-o", str(out), "-m", str(checkpoints["safe"]),
+                                "--suffix", "/../../x"))
+    assert "--suffix '/../../x'" in line
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert written == ["in", os.path.join("in", "a.nrrd")]  # nothing inside the output folder or outside it
+
+
+@pytest.mark.parametrize("suffix", ["../x", "_seg/x", "..", "\\x", "_a..b"])
+def test_suffix_is_only_a_suffix(tmp_path, suffix) -> None:
+    from seg.errors import UserError
+    from seg.io import Case
+    from seg.predict import output_path
+
+    case = Case("a", (tmp_path / "a.nrrd",))
+    assert output_path(case, tmp_path / "out", "_seg.v2") == tmp_path / "out" / "a_seg.v2.nrrd"
+    with pytest.raises(UserError, match="no path separators, no '..'"):
+        output_path(case, tmp_path / "out", suffix)
+
+
 def test_infer_internal_error_shows_the_traceback(tmp_path, checkpoints) -> None:
     write_image(tmp_path / "a.nrrd")
     out = tmp_path / "out"
@@ -204,6 +228,76 @@ def test_resume_from_a_checkpoint_needing_unpickling(tmp_path, checkpoints) -> N
     line = one_error_line(run(*args, "--unsafe-load"))
     assert "foreign.pt" in line and "cannot resume" in line
     assert_no_run_written(out)
+
+
+def test_plan_only_obeys_the_output_folder_rule(tmp_path) -> None:
+    """--plan-only writes plan.json and fingerprint.json where training would: a folder holding
+    another run is refused (its plan stays that run's), unless --overwrite replaces the run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    run_files = {"last.pt": b"weights", "train_log.csv": b"iteration\n1\n", "plan.json": b'{"run": "old"}'}
+    for name, data in run_files.items():
+        (out / name).write_bytes(data)
+    args = ("train_seg.py", "--plan-only", "--no-progress", "--set", *dataset(tmp_path / "ds"),
+            f"train.output_dir='{out}'")
+    line = one_error_line(run(*args))
+    assert str(out) in line and "holds another run" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == run_files  # untouched
+    proc = run(*args, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["fingerprint.json", "plan.json"]  # the old run is gone
+    assert "decisions" in json.loads((out / "plan.json").read_text())
+    proc = run(*args)  # a folder holding only a plan holds no run: planned again, no --overwrite needed
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_resume_from_another_working_folder(tmp_path) -> None:
+    """A run started with a relative --config (whose data.root is relative to it) resumes from any
+    working folder: the checkpoint stores its paths absolute."""
+    from seg.checkpoint import load_checkpoint
+    from test_train import tiny_sets
+
+    sets = [s for s in tiny_sets(tmp_path / "ds", tmp_path / "run", 3, iterations=1) if not s.startswith("data.root=")]
+    sets.append("data.root='../../ds'")  # relative to the config file's folder
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        write_case(tmp_path / "ds", f"case{i}", rng)
+    (tmp_path / "a" / "cfg").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "cfg" / "config.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "from hparam import Config\nfrom seg.config import apply_overrides\n\n\n"
+        f"def get_config():\n    return apply_overrides(Config(), {sets!r})\n")
+
+    def train(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "train_seg.py"), "--no-progress", *args],
+                              capture_output=True, text=True, cwd=cwd, env=ENV, timeout=600)
+
+    proc = train(tmp_path / "a", "--config", os.path.join("cfg", "config.py"))
+    assert proc.returncode == 0, proc.stderr
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt["config_source"] == str(tmp_path / "a" / "cfg" / "config.py")
+    assert ckpt["config"]["data"]["root"] == str(tmp_path / "ds")
+    assert ckpt["config"]["train"]["output_dir"] == str(tmp_path / "run")
+    proc = train(tmp_path / "b", "--resume", str(tmp_path / "run" / "last.pt"), "--set", "train.iterations=2")
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 2
+
+
+def test_checkpoint_paths_are_absolute(tmp_path, monkeypatch) -> None:
+    from hparam import Config
+    from seg.config import apply_overrides
+    from seg.train import stored_config
+
+    monkeypatch.chdir(tmp_path)
+    cfg = apply_overrides(Config(), ["data.root='ds'", "model.pretrained='weights/w.pt'", "train.output_dir='runs/x'"])
+    cfg._source = str(tmp_path / "conf" / "hparam.py")  # relative data.root: against the config's folder
+    stored = stored_config(cfg)
+    assert stored["data"]["root"] == str(tmp_path / "conf" / "ds")
+    assert stored["model"]["pretrained"] == str(tmp_path / "weights" / "w.pt")
+    assert stored["train"]["output_dir"] == str(tmp_path / "runs" / "x")
+    assert stored["data"]["images_dir"] == "imagesTr"  # folders under data.root stay relative to it
+    assert cfg.data.root == "ds"  # the config itself is not changed
 
 
 def test_train_internal_error_shows_the_traceback(tmp_path) -> None:

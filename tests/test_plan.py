@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,13 +107,32 @@ def test_context_spacing_rule() -> None:
     assert patch == (32, 32, 32) and max(spacing) <= P.CONTEXT_MAX_FACTOR
 
 
-@pytest.mark.parametrize("median", [(7, 9, 5), (300, 40, 41), (61, 61, 61), (500, 500, 500)])
-def test_patch_properties(median) -> None:
-    for budget in (32_768, 131_072):
-        patch = P.plan_patch_size(median, (1, 1, 1), CONVNEXT, budget)
-        assert np.prod(patch) <= budget
-        for p, m in zip(patch, median):
-            assert p % 4 == 0 and p <= max(32, int(np.ceil(m / 4) * 4 * 1.25) + 4)
+def _padded_case(median, levels=(4, 8, 16, 32)) -> tuple[int, ...]:
+    """The 25 % padding rule written out: each axis rounded up to a multiple of the largest stride
+    level that pads it by at most 25 %, of the finest level when none does."""
+    out = []
+    for m in median:
+        fits = [s for s in levels if math.ceil(m / s) * s <= m * 1.25]
+        step = max(fits) if fits else min(levels)
+        out.append(math.ceil(m / step) * step)
+    return tuple(out)
+
+
+@pytest.mark.parametrize("median, whole, shrunk", [
+    # 7 -> 8 (+14 %); 9: 12 pads 33 %, no level pads <= 25 %: the finest; 5 -> 8 likewise
+    ((7, 9, 5), (8, 12, 8), {32_768: (8, 12, 8), 131_072: (8, 12, 8)}),
+    # 300 -> 320 (32: +7 %); 40 -> 48 (16: +20 %; 32 would give 64, +60 %); 41 -> 48
+    ((300, 40, 41), (320, 48, 48), {32_768: (32, 32, 32), 131_072: (48, 48, 48)}),
+    ((61, 61, 61), (64, 64, 64), {32_768: (32, 32, 32), 131_072: (32, 64, 64)}),
+    ((35, 50, 36), (40, 56, 40), {32_768: (32, 32, 32), 131_072: (40, 56, 40)}),
+    ((500, 500, 500), (512, 512, 512), {32_768: (32, 32, 32), 131_072: (32, 64, 64)}),
+])
+def test_patch_pads_the_median_case_by_at_most_25_percent(median, whole, shrunk) -> None:
+    assert _padded_case(median) == whole
+    assert P.plan_patch_size(median, (1, 1, 1), CONVNEXT, 10 ** 9) == whole  # no budget: the case, padded
+    for budget, patch in shrunk.items():  # over the budget: shrunk to multiples of the total stride 32,
+        assert P.plan_patch_size(median, (1, 1, 1), CONVNEXT, budget) == patch  # half of it grown back
+        assert math.prod(patch) <= budget
 
 
 def _channel(lo: float, integer: bool) -> dict:
@@ -124,6 +144,9 @@ def test_normalization_rule() -> None:
     assert P.plan_normalization(_channel(-3.2, False), 1.0) == "zscore"      # processed MR
     assert P.plan_normalization(_channel(-800.0, False), 1.0) == "zscore"    # float, not HU
     assert P.plan_normalization(_channel(0, True), 0.5) == "zscore_nonzero"  # stripped brain in a box
+    # nnU-Net masks when the median relative size after cropping is < 3/4: removing exactly 25 % is not enough
+    assert P.plan_normalization(_channel(0, True), 0.75) == "zscore"
+    assert P.plan_normalization(_channel(0, True), 0.7499) == "zscore_nonzero"
     assert P.plan_normalization(_channel(0, True), 0.76) == "zscore"         # head filling the view
 
 
@@ -199,6 +222,65 @@ def plan_of(root: Path, classes: list[str], tmp: Path, *sets: str) -> tuple[dict
     return {d["field"]: d["value"] for d in record["decisions"]}, planned
 
 
+def fingerprint_of(tmp: Path) -> dict:
+    """The whole fingerprint ``plan_of(..., tmp)`` computed (with per-case sizes and spacings)."""
+    return json.loads((tmp / "run" / "fingerprint.json").read_text())
+
+
+# ----------------------------------------------------------------------------- the README's table
+NUMBER = r"−?\d+(?:\.\d+)?"
+
+
+def readme_row(first_cell: str) -> list[str]:
+    """The cells of the row of the README's "What the plan gives" table whose first cell starts
+    with ``first_cell``."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("What the plan gives", 1)[1].split("\n\n")[1]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()[2:]]
+    found = [r for r in rows if r[0].startswith(first_cell)]
+    assert len(found) == 1, f"README plan table: {len(found)} rows start with {first_cell!r}"
+    return found[0]
+
+
+def says(printed: str, value: float) -> bool:
+    """``printed`` (a number from the README) is ``value`` to the digits it shows."""
+    decimals = len(printed.split(".")[1]) if "." in printed else 0
+    return abs(float(printed.replace("−", "-")) - float(value)) <= 0.5 * 10 ** -decimals + 1e-9
+
+
+def says_all(cell: str, values) -> None:
+    """The cell begins with ``A×B×C`` and that is ``values``, to the digits shown."""
+    printed = re.match(rf"~?({NUMBER}(?:×{NUMBER})*)", cell).group(1).split("×")
+    assert len(printed) == len(values) and all(says(p, v) for p, v in zip(printed, values)), (cell, values)
+
+
+def says_after(cell: str, words: str, value: float) -> None:
+    """The number right after ``words`` in ``cell`` is ``value``, to the digits shown."""
+    match = re.search(re.escape(words) + rf"\s*({NUMBER})", cell)
+    assert match and says(match.group(1), value), (cell, words, value)
+
+
+def check_row(first_cell: str, plan3d: dict, plan2d: dict | None) -> list[str]:
+    """Assert the columns every row has (spacing, patches with batch and slice axis, normalisation,
+    rotation) against the plans; returns the row for its other claims."""
+    row = readme_row(first_cell)
+    _, spacing, patch3d, patch2d, norm, rotation = row
+    says_all(spacing, plan3d["data.target_spacing"])
+    says_all(patch3d, plan3d["data.patch_size"])
+    if "batch" in patch3d:
+        says_after(patch3d, "batch", plan3d["train.batch_size"])
+    if plan2d is None:
+        assert patch2d == "—"
+    else:
+        says_all(patch2d, plan2d["data.patch_size"])
+        says_after(patch2d, "(", plan2d["data.slice_axis"])
+        if "batch" in patch2d:
+            says_after(patch2d, "batch", plan2d["train.batch_size"])
+    assert norm.startswith(f"`{plan3d['data.normalization']}`")
+    assert rotation == {(0, 1, 2): "all axes", (2,): "about z only"}[tuple(plan3d["data.rotation_axes"])]
+    return row
+
+
 def test_plan_mni_slabs(tmp_path) -> None:
     plan, cfg = plan_of(DEMO / "mni152", ["bg", "gm", "wm"], tmp_path, "data.val_images_dir='imagesVal'")
     # the patch sees 15 % of a slab, but the cortical ribbon and white-matter strands are 2-4 mm
@@ -218,6 +300,18 @@ def test_plan_mni_slabs(tmp_path) -> None:
                         "data.val_images_dir='imagesVal'", "data.spatial_dims=2")
     assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [160, 192]
     assert plan2d["data.mirror_axes"] == [0, 1] and plan2d["train.batch_size"] == 2
+    # the README's rows, cell by cell
+    fp = record["fingerprint"]
+    row = check_row("MNI152 slabs (", plan, plan2d)
+    says_after(row[0], "skull-stripped,", fp["median_spacing"][0])
+    assert all(s == fp["median_spacing"][0] for s in fp["median_spacing"])
+    says_after(row[4], "box of non-zero voxels", 100 * fp["nonzero_crop_ratio"])
+    same_rule = readme_row("MNI152 slabs: the same rule")
+    says_all(same_rule[1], plan["data.target_spacing"])
+    says_after(same_rule[1], "the patch sees", 100 * math.prod(plan["data.patch_size"]) / math.prod(fp["median_size"]))
+    says_after(same_rule[1], "white matter is", fp["class_thickness_mm_median"]["2"])  # classes: bg, gm, wm
+    says_after(same_rule[1], "grey matter", fp["class_thickness_mm_median"]["1"])
+    assert P.thinnest_class_mm(fp) == fp["class_thickness_mm_median"]["2"]
 
 
 @pytest.mark.skipif(not (DEMO / "hippocampus").is_dir(), reason="hippocampus demo not built")
@@ -229,10 +323,18 @@ def test_plan_hippocampus(tmp_path) -> None:
     assert plan["data.patch_size"] == [40, 56, 40]  # nnU-Net's 3d_fullres patch for this task
     assert plan["data.normalization"] == "zscore"   # cropped MRI, no zero background
     assert plan["train.batch_size"] == 2
+    assert plan["data.rotation_axes"] == [0, 1, 2]
     plan2d, _ = plan_of(DEMO / "hippocampus", "auto", tmp_path / "2d",
                         "data.spatial_dims=2")
     assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [40, 56]
     assert plan2d["train.batch_size"] == 14  # 32,768 // 2,240
+    fp = fingerprint_of(tmp_path)
+    row = check_row("hippocampus (", plan, plan2d)
+    subjects = len(list((DEMO / "hippocampus" / "imagesTr").glob("*.nii.gz")))
+    says_after(row[0], "(", subjects)
+    says_after(row[0], "subjects,", fp["median_spacing"][0])
+    says_all(row[0].split("~")[1], fp["median_size"])
+    assert fp["nonzero_crop_ratio"] >= 1 - P.NONZERO_CROP_SHARE and fp["nonzero_share"] > 0.99  # no zero background
 
 
 def test_plan_atrium_phantom_sees_context(tmp_path) -> None:
@@ -252,6 +354,23 @@ def test_plan_atrium_phantom_sees_context(tmp_path) -> None:
     median = np.asarray(fp["median_size"]) * 0.8 / spacing[0]
     share = np.prod(plan["data.patch_size"]) / np.prod(median)
     assert P.CONTEXT_SHARE <= share < P.CONTEXT_SHARE * P.CONTEXT_STEP ** 3 * 1.1
+    # the README's row, cell by cell
+    row = check_row("atrium phantom (", plan, None)
+    full = fingerprint_of(tmp_path)
+    fine = P.resampled_median_size(full["spacings"], full["sizes"],
+                                   P.plan_target_spacing(full["spacings"], full["sizes"]))
+    first = P.plan_patch_size(fine, (0.8,) * 3, P.level_strides(cfg), P.PATCH_BUDGET[3])
+    subjects = len(list((DEMO / "atrium_phantom" / "imagesTr").glob("*.nii.gz")))
+    says_after(row[0], "(", subjects)
+    says_after(row[0], "subjects,", fp["median_spacing"][0])
+    says_all(row[0].split("~")[1], fp["median_size"])
+    says_all(row[1].split("(a ")[1], first)
+    says_after(row[1], "saw", 100 * math.prod(first) / math.prod(fine))
+    says_after(row[1], "at", fp["median_spacing"][0])
+    says_after(row[1], "now", 100 * share)
+    says_after(row[1], "the atrium", P.thinnest_class_mm(fp))
+    says_after(row[1], "thick,", P.thinnest_class_mm(fp) / spacing[0])
+    assert plan["data.normalization"] == "zscore" and plan["data.patch_size"] == [80, 32, 48]
 
 
 def test_plan_pyradiomics_mr_anisotropic(tmp_path) -> None:
@@ -270,6 +389,15 @@ def test_plan_pyradiomics_mr_anisotropic(tmp_path) -> None:
     assert patch == [80, 64, 24]  # z (23-25 slices) whole, in-plane takes the budget left
     plan2d, _ = plan_of(root, ["bg", "tumour"], tmp_path / "2d", "data.spatial_dims=2")
     assert plan2d["data.slice_axis"] == 2              # slices along the thick axis
+    assert plan2d["data.patch_size"] == [160, 192]
+    # the README's row, cell by cell
+    fp = record["fingerprint"]
+    row = check_row("pyradiomics brain MR (", plan, plan2d)
+    assert list(fp["orientations"]) == ["LAS"] and row[0].startswith("pyradiomics brain MR (LAS, ")
+    says_all(row[0].split("LAS, ")[1], fp["median_spacing"])
+    says_after(row[1], "the thinner tumour,", P.thinnest_class_mm(fp))
+    says_after(row[1], "would be <", P.MIN_THICKNESS_VOXELS)
+    assert fp["nonzero_crop_ratio"] >= 1 - P.NONZERO_CROP_SHARE  # the head fills the view
 
 
 def test_plan_ct_clips_to_foreground_percentiles(tmp_path) -> None:
@@ -284,12 +412,41 @@ def test_plan_ct_clips_to_foreground_percentiles(tmp_path) -> None:
     assert stats["clip_low"] == pytest.approx(np.percentile(fg, 0.5), abs=15)
     assert stats["clip_high"] == pytest.approx(np.percentile(fg, 99.5), abs=15)
     assert stats["mean"] == pytest.approx(fg.mean(), abs=5) and stats["std"] == pytest.approx(fg.std(), rel=0.05)
+    # the README's row, cell by cell: a coarser grid for context (thick slices: in-plane only), the patches
+    assert plan["data.target_spacing"] == pytest.approx([1.2014, 1.2014, 5.0])
+    assert plan["data.patch_size"] == [64, 64, 32] and plan["data.rotation_axes"] == [2]
+    plan2d, _ = plan_of(root, ["bg", "tumour"], tmp_path / "2d", "data.spatial_dims=2")
+    assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [160, 128]
+    record = json.loads((tmp_path / "run" / "plan.json").read_text())
+    fp, full = record["fingerprint"], fingerprint_of(tmp_path)
+    row = check_row("pyradiomics lung CT (", plan, plan2d)
+    assert list(fp["orientations"]) == ["LPS"] and row[0].startswith("pyradiomics lung CT (LPS, ")
+    says_all(row[0].split("LPS, ")[1], fp["median_spacing"])
+    assert fp["channels"][0]["integer"] and fp["channels"][0]["min"] <= P.CT_MIN_HU and "HU" in row[0]
+    fine = P.resampled_median_size(full["spacings"], full["sizes"],
+                                   P.plan_target_spacing(full["spacings"], full["sizes"]))
+    first = P.plan_patch_size(fine, fp["median_spacing"], P.level_strides(cfg), P.PATCH_BUDGET[3])
+    coarse = P.resampled_median_size(full["spacings"], full["sizes"], plan["data.target_spacing"])
+    says_after(row[1], "saw", 100 * math.prod(first) / math.prod(fine))
+    says_after(row[1], "now", 100 * math.prod(plan["data.patch_size"]) / math.prod(coarse))
+    says_after(row[1], "tumour", P.thinnest_class_mm(fp))
+    says_after(row[4], "clip", stats["clip_low"])
+    says_after(row[4], "…", stats["clip_high"])
 
 
 def test_plan_skull_on_head_zscores_air_dark(tmp_path) -> None:
     root = skull_on_heads(tmp_path / "heads")
     plan, cfg = plan_of(root, ["bg", "brain"], tmp_path)
     assert plan["data.normalization"] == "zscore"  # the head fills the view: no non-zero masking
+    assert plan["data.target_spacing"] == [1.0, 1.0, 1.0] and plan["data.rotation_axes"] == [0, 1, 2]
+    assert plan["data.patch_size"] == [48, 48, 48]
+    # the README's row, cell by cell
+    fp = fingerprint_of(tmp_path)
+    row = check_row("synthetic skull-on T1", plan, None)
+    says_all(row[0].split("(")[1], fp["median_size"])
+    whole = P.plan_patch_size(fp["median_size"], plan["data.target_spacing"], P.level_strides(cfg), 10 ** 9)
+    assert "(budget)" in row[2] and math.prod(whole) > P.PATCH_BUDGET[3]  # the padded case (48x64x48) is over it
+    assert row[4] == "`zscore`: air becomes the darkest value"
     from datasets import find_cases, load_case_arrays
     case = find_cases(root / "imagesTr", root / "labelsTr")[0]
     arrays = load_case_arrays(case, cfg.data)
