@@ -44,7 +44,7 @@ NONZERO_CROP_SHARE = 0.25
 PAD_TOLERANCE = 0.25
 #: 3D: the patch sees at least this share of the median case's voxels; on larger volumes the target
 #: spacing grows until it does (nnU-Net plans its low-resolution stage at 25 %; on the atrium phantom
-#: 25 % left false positives on look-alikes that 50 % removed; 100 % gained nothing: README)
+#: 25 % left false positives on look-alikes that 50 % removed; 100 % gained nothing: docs/figures.md)
 CONTEXT_SHARE = 0.5
 #: the factor the spacing grows by per try (nnU-Net's), and the most it may grow in all
 CONTEXT_STEP, CONTEXT_MAX_FACTOR = 1.03, 4.0
@@ -226,10 +226,10 @@ def compute_fingerprint(cases: Sequence[Any], data_cfg: Any, cache: str | os.Pat
     if cache is not None and Path(cache).is_file():
         try:
             cached = json.loads(Path(cache).read_text())
-            if cached.get("key") == key:
+            if isinstance(cached, dict) and cached.get("key") == key:
                 return cached
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError, RecursionError):
+            pass  # an unreadable or foreign cache is computed again (and replaced)
     per_case = {}
     for i, case in enumerate(tqdm(cases, desc="fingerprint", unit="case", disable=not progress,
                                   leave=False, dynamic_ncols=True)):
@@ -262,7 +262,7 @@ def plan_target_spacing(spacings: Sequence[Sequence[float]], sizes: Sequence[Seq
     ratios and the thin ones are not thinned to voxels that do not exist.  nnU-Net's rule, except
     what the voxel test counts: nnU-Net takes the median of the native sizes after cropping to the
     non-zero box, this rule the median size resampled to the median spacing, uncropped (the same
-    decision on every demo data set; README, "The plan").
+    decision on every demo data set; docs/configuration.md, "The plan").
     """
     sp, sz = np.asarray(spacings, float), np.asarray(sizes, float)
     target = np.median(sp, axis=0)

@@ -227,23 +227,23 @@ def fingerprint_of(tmp: Path) -> dict:
     return json.loads((tmp / "run" / "fingerprint.json").read_text())
 
 
-# ----------------------------------------------------------------------------- the README's table
+# ---------------------------------------------------------------- the plan table of docs/configuration.md
 NUMBER = r"−?\d+(?:\.\d+)?"
 
 
 def readme_row(first_cell: str) -> list[str]:
-    """The cells of the row of the README's "What the plan gives" table whose first cell starts
+    """The cells of the row of docs/configuration.md's "What the plan gives" table whose first cell starts
     with ``first_cell``."""
-    text = (ROOT / "README.md").read_text()
+    text = (ROOT / "docs" / "configuration.md").read_text()
     table = text.split("What the plan gives", 1)[1].split("\n\n")[1]
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines()[2:]]
     found = [r for r in rows if r[0].startswith(first_cell)]
-    assert len(found) == 1, f"README plan table: {len(found)} rows start with {first_cell!r}"
+    assert len(found) == 1, f"docs/configuration.md plan table: {len(found)} rows start with {first_cell!r}"
     return found[0]
 
 
 def says(printed: str, value: float) -> bool:
-    """``printed`` (a number from the README) is ``value`` to the digits it shows."""
+    """``printed`` (a number from docs/configuration.md) is ``value`` to the digits it shows."""
     decimals = len(printed.split(".")[1]) if "." in printed else 0
     return abs(float(printed.replace("−", "-")) - float(value)) <= 0.5 * 10 ** -decimals + 1e-9
 
@@ -300,7 +300,7 @@ def test_plan_mni_slabs(tmp_path) -> None:
                         "data.val_images_dir='imagesVal'", "data.spatial_dims=2")
     assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [160, 192]
     assert plan2d["data.mirror_axes"] == [0, 1] and plan2d["train.batch_size"] == 2
-    # the README's rows, cell by cell
+    # the documented rows, cell by cell
     fp = record["fingerprint"]
     row = check_row("MNI152 slabs (", plan, plan2d)
     says_after(row[0], "skull-stripped,", fp["median_spacing"][0])
@@ -354,7 +354,7 @@ def test_plan_atrium_phantom_sees_context(tmp_path) -> None:
     median = np.asarray(fp["median_size"]) * 0.8 / spacing[0]
     share = np.prod(plan["data.patch_size"]) / np.prod(median)
     assert P.CONTEXT_SHARE <= share < P.CONTEXT_SHARE * P.CONTEXT_STEP ** 3 * 1.1
-    # the README's row, cell by cell
+    # the documented row, cell by cell
     row = check_row("atrium phantom (", plan, None)
     full = fingerprint_of(tmp_path)
     fine = P.resampled_median_size(full["spacings"], full["sizes"],
@@ -390,7 +390,7 @@ def test_plan_pyradiomics_mr_anisotropic(tmp_path) -> None:
     plan2d, _ = plan_of(root, ["bg", "tumour"], tmp_path / "2d", "data.spatial_dims=2")
     assert plan2d["data.slice_axis"] == 2              # slices along the thick axis
     assert plan2d["data.patch_size"] == [160, 192]
-    # the README's row, cell by cell
+    # the documented row, cell by cell
     fp = record["fingerprint"]
     row = check_row("pyradiomics brain MR (", plan, plan2d)
     assert list(fp["orientations"]) == ["LAS"] and row[0].startswith("pyradiomics brain MR (LAS, ")
@@ -412,7 +412,7 @@ def test_plan_ct_clips_to_foreground_percentiles(tmp_path) -> None:
     assert stats["clip_low"] == pytest.approx(np.percentile(fg, 0.5), abs=15)
     assert stats["clip_high"] == pytest.approx(np.percentile(fg, 99.5), abs=15)
     assert stats["mean"] == pytest.approx(fg.mean(), abs=5) and stats["std"] == pytest.approx(fg.std(), rel=0.05)
-    # the README's row, cell by cell: a coarser grid for context (thick slices: in-plane only), the patches
+    # the documented row, cell by cell: a coarser grid for context (thick slices: in-plane only), the patches
     assert plan["data.target_spacing"] == pytest.approx([1.2014, 1.2014, 5.0])
     assert plan["data.patch_size"] == [64, 64, 32] and plan["data.rotation_axes"] == [2]
     plan2d, _ = plan_of(root, ["bg", "tumour"], tmp_path / "2d", "data.spatial_dims=2")
@@ -440,7 +440,7 @@ def test_plan_skull_on_head_zscores_air_dark(tmp_path) -> None:
     assert plan["data.normalization"] == "zscore"  # the head fills the view: no non-zero masking
     assert plan["data.target_spacing"] == [1.0, 1.0, 1.0] and plan["data.rotation_axes"] == [0, 1, 2]
     assert plan["data.patch_size"] == [48, 48, 48]
-    # the README's row, cell by cell
+    # the documented row, cell by cell
     fp = fingerprint_of(tmp_path)
     row = check_row("synthetic skull-on T1", plan, None)
     says_all(row[0].split("(")[1], fp["median_size"])
@@ -498,3 +498,18 @@ def test_augmentation_follows_the_plan() -> None:
     assert isinstance(flip, tio.RandomFlip) and tuple(flip.axes) == (0,)
     assert tuple(affine.degrees) == (0, 0, 0, 0, -15, 15)
     assert augmentation_3d(DataConfig(mirror_axes=(), augment_affine=False, augment_intensity=False)) is None
+
+
+@pytest.mark.parametrize("content", ["[" * 100000 + "]" * 100000, "[1, 2]"])
+def test_a_bad_fingerprint_cache_is_computed_again(tmp_path, content) -> None:
+    """fingerprint.json is our cache, not the user's input: whatever it holds (nested too deeply,
+    not an object, not JSON), the fingerprint is computed again and the cache replaced."""
+    import datasets
+    from hparam import DataConfig
+    root = skull_on_heads(tmp_path / "heads", n=2)
+    cases = datasets.find_cases(root / "imagesTr", root / "labelsTr")
+    cache = tmp_path / "fp.json"
+    cache.write_text(content)
+    fp = P.compute_fingerprint(cases, DataConfig(), cache, progress=False)
+    assert fp["num_cases"] == 2
+    assert json.loads(cache.read_text()) == fp
