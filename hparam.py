@@ -34,7 +34,7 @@ class DataConfig:
     in_channels: int | str = "auto"              # image channels; auto: dataset.json's channel_names, else the first case's
     channel_names: list[str] | None = None       # set from dataset.json: a channel named CT plans CT normalisation, noNorm none (nnU-Net)
     # ---- planned from the data (seg/plan.py): "auto" = the rule's value, printed at start and
-    # ---- written to RUN/plan.json; any explicit value overrides it (README: "The plan")
+    # ---- written to RUN/plan.json; any explicit value overrides it (docs/configuration.md: "The plan")
     target_spacing: tuple[float, ...] | None | str = "auto"  # mm per axis; auto: median (thick axis of anisotropic data kept thick); None: native grids
     patch_size: tuple[int, ...] | str = "auto"   # training patch (X, Y, Z) in 3D, the two in-plane axes in 2D; auto: median case, rounded up to the model's strides, within the budget
     patch_voxel_budget: int | None = None        # patch budget in voxels; None: seg/plan.py's PATCH_BUDGET for data.spatial_dims
@@ -79,7 +79,7 @@ class PointRendConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "convnext_atto"              # any name of backbones.list_backbones()
-    backbone_kwargs: dict[str, Any] = field(default_factory=lambda: {"kernel_size": 3})  # ConvNeXt options; 3^d depthwise kernels: a third of the 7^d backbone's time, same Dice (README); other backbones: {}
+    backbone_kwargs: dict[str, Any] = field(default_factory=lambda: {"kernel_size": 3})  # ConvNeXt options; 3^d depthwise kernels: a third of the 7^d backbone's time, same Dice (docs/figures.md); other backbones: {}
     pretrained: str | None = None                # local path to 2D ImageNet weights (inflated in 3D)
     head: str = "unet"                           # coarse head: 'unet' (U-Net decoder, input stages, deep supervision; options: heads/unet.py), 'deeplab' (ASPP, stride 8) or 'mask' (7^d MLP); = seg.model.DEFAULT_HEAD (tested)
     head_kwargs: dict[str, Any] = field(default_factory=dict)      # e.g. {"output_stride": 1} (unet), {"output_stride": 8} (deeplab)
@@ -89,7 +89,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     iterations: int | None = None                # optimisation steps; None: iterations_3d or iterations_2d by data.spatial_dims
-    iterations_3d: int = 2700                    # default steps in 3D (hippocampus demo: ~14 min on a 2-core CPU, see README)
+    iterations_3d: int = 2700                    # default steps in 3D (hippocampus demo: ~14 min on a 2-core CPU, see docs/figures.md)
     iterations_2d: int = 3000                    # default steps in 2D (a 2D step costs about a third of a 3D one)
     batch_size: int | str = "auto"               # patches per step PER PROCESS (torchrun: global batch = N x this); auto: as many as the patch budget holds, >= 2 (3D hippocampus 2, its 2D slices 14)
     lr: float = 2e-3                             # peak learning rate (AdamW)

@@ -9,7 +9,7 @@ Examples::
     python train_seg.py --resume runs/demo/last.pt
     python train_seg.py --resume runs/demo/last.pt --set train.iterations=3000   # train it longer
     python train_seg.py --plan-only            # show what the data decide (fingerprint and plan), stop
-    torchrun --nproc_per_node=4 train_seg.py --set train.batch_size=2   # DDP, 4 processes (README)
+    torchrun --nproc_per_node=4 train_seg.py --set train.batch_size=2   # DDP, 4 processes (docs/distributed.md)
 
 Exit status: 0 done; 2 an input or configuration error, told in one line naming the file or field
 (``--debug`` shows its traceback); 1 anything else (a bug: the traceback is shown).

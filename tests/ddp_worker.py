@@ -37,7 +37,7 @@ def tiny(data: str, out: str, iterations: int):
 
 def ce_only(model):
     """The model with the cross-entropy as its whole loss: a mean over the batch (the batch Dice of
-    ``model.loss`` is computed per process, see the README, so it does not split over ranks)."""
+    ``model.loss`` is computed per process, see docs/distributed.md, so it does not split over ranks)."""
     model.loss = lambda out, labels: {"total": type(model).loss(model, out, labels)["coarse_ce"]}
     return model
 

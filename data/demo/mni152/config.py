@@ -6,7 +6,7 @@ Everything is ``hparam.py``'s default except the data (this folder: slabs 0, 2, 
 validate), the class names, the output folder, the number of 3D iterations (1,000: longer
 overfits the three training slabs of this single brain) and the coarse head: on these slabs the
 DeepLab head is better than the default U-Net head (1,000 iterations: mean Dice 0.877 / Boundary IoU
-0.526 against 0.850 / 0.461; README, "Hippocampus, the default demo"), the reverse of the
+0.526 against 0.850 / 0.461; docs/data.md, "What to expect from each demo"), the reverse of the
 hippocampus.
 """
 import sys
