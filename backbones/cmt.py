@@ -50,9 +50,9 @@ from torch.utils.checkpoint import checkpoint
 from seg import ops
 from seg.errors import ConfigError
 
-from . import BACKBONES
 from .base import (FeatureInfo, StagedBackbone, build_checked, check_out_indices, pad_to_multiple,
                    per_stage)
+from .registry import BACKBONES
 
 __all__ = ["CMT", "CMTBlock", "LightweightAttention", "RelativePositionBias",
            "checkpoint_filter_fn", "relative_geometry"]

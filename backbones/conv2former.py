@@ -40,10 +40,10 @@ import torch.nn as nn
 from seg import ops
 from seg.errors import ConfigError
 
-from . import BACKBONES
 from .base import (FeatureInfo, StagedBackbone, build_checked, check_out_indices, init_trunc_normal,
                    per_axis, per_stage)
 from .convnext import Downsample, Stage, Stem
+from .registry import BACKBONES
 
 __all__ = ["Conv2Former", "Conv2FormerBlock", "ConvMod", "checkpoint_filter_fn"]
 

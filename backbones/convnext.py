@@ -26,9 +26,9 @@ import torch.nn as nn
 
 from seg import ops
 
-from . import BACKBONES
 from .base import (FeatureInfo, StagedBackbone, build_checked, check_out_indices, init_trunc_normal,
                    pad_to_multiple, per_stage, run_blocks)
+from .registry import BACKBONES
 
 __all__ = ["ConvNeXt", "checkpoint_filter_fn"]
 

@@ -32,8 +32,9 @@ import torch.nn as nn
 from seg.errors import UserError
 from seg.ops import DropPath, batch_norm, check_spatial_dims, conv, to_ntuple
 
-from . import BACKBONES
 from .base import Backbone, FeatureInfo, build_checked, check_out_indices, per_stage, run_blocks
+from .pretrained import adapt_input_conv
+from .registry import BACKBONES
 
 #: Stage widths before the width multipliers (stage0 = stem; widths of stages 1..4).
 BASE_WIDTHS = (64, 128, 256, 512)
@@ -337,8 +338,6 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: RepVGG
 
 def _fit_stem_inputs(state_dict: dict[str, torch.Tensor], model: RepVGG) -> None:
     """Adapt, in place, the input channels of every stem conv weight except ``stem_key``."""
-    from .pretrained import adapt_input_conv
-
     ours = model.state_dict()
     for key, value in state_dict.items():
         target = ours.get(key)

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 from seg.errors import ConfigError, UserError
 from seg.ops import DropPath, channels_first, channels_last, check_spatial_dims, conv, to_ntuple
 
-from . import BACKBONES
 from .base import Backbone, FeatureInfo, build_checked, per_axis, run_blocks
+from .registry import BACKBONES
 
 __all__ = ["SwinTransformerV2", "checkpoint_filter_fn", "window_partition", "window_reverse",
            "relative_coords_table", "relative_position_index", "attention_mask"]

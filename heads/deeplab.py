@@ -15,7 +15,8 @@ import torch.nn as nn
 
 from seg import ops
 
-from . import HEADS, FeatureInfo, nearest_level
+from .base import FeatureInfo, nearest_level
+from .registry import HEADS
 
 
 def conv_norm_act(spatial_dims: int, cin: int, cout: int, kernel_size: int = 3,

@@ -30,7 +30,8 @@ from seg.pointrend import (generate_regular_grid_point_coords, point_sample,
                            point_sample_fine_grained_features)
 from seg.registry import unknown_name_message
 
-from . import HEADS, FeatureInfo, nearest_level
+from .base import FeatureInfo, nearest_level
+from .registry import HEADS
 
 _REFERENCE_FC_INPUT = 256 * 7 * 7
 

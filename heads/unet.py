@@ -38,7 +38,8 @@ import torch.nn as nn
 from seg import ops
 from seg.errors import ConfigError
 
-from . import HEADS, FeatureInfo
+from .base import FeatureInfo
+from .registry import HEADS
 
 
 def conv_block(spatial_dims: int, cin: int, cout: int, stride: Sequence[int] | int = 1,
