@@ -115,7 +115,7 @@ def models_part() -> None:
     from seg.preprocess import Preprocessing
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-    from conftest import point_options
+    from helpers import point_options
 
     logging.getLogger("seg.export").setLevel(logging.ERROR)
     print(f"{'dims':>4} {'backbone':<14} {'head':<8} {'TorchScript':>12}  ONNX")

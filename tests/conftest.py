@@ -8,20 +8,6 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-
-def point_options(**overrides):
-    """A complete PointRend option dict for tests: ``hparam.PointRendConfig`` with detectron2's
-    point head (no image features, no fine stem, coarse logits only at the input) and small point
-    budgets, then ``overrides``."""
-    import dataclasses
-
-    from hparam import PointRendConfig
-
-    base = PointRendConfig(train_num_points=64, subdivision_num_points=512, image_features="none",
-                           fine_stem_channels=0, coarse_pred_each_layer=False)
-    return {**dataclasses.asdict(base), **overrides}
-
-
 import pytest  # noqa: E402
 
 
@@ -33,7 +19,7 @@ def trained_checkpoint(tmp_path_factory):
     import SimpleITK as sitk
 
     from seg.train import train
-    from test_train import tiny_config, write_case
+    from helpers import tiny_config, write_case
 
     root = tmp_path_factory.mktemp("trained")
     rng = np.random.default_rng(2)

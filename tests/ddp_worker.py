@@ -28,7 +28,7 @@ from seg.model import build_model  # noqa: E402
 
 def tiny(data: str, out: str, iterations: int):
     from seg.config import apply_overrides
-    from test_train import tiny_config
+    from helpers import tiny_config
 
     cfg = tiny_config(Path(data), Path(out), 2, iterations=iterations)
     return apply_overrides(cfg, ["data.val_fraction=0.5", "train.device='cpu'",

@@ -223,7 +223,7 @@ def test_backbone_from_a_training_checkpoint(tmp_path) -> None:
     # a whole segmentation model's checkpoint (as seg.train writes it): the backbone part loads
     from seg.model import build_model
     torch.manual_seed(0)
-    from conftest import point_options
+    from helpers import point_options
     seg_model = build_model(2, 1, 3, backbone="convnext_atto", pointrend=point_options())
     torch.save({"model": seg_model.state_dict(), "iteration": 7, "model_config": {"x": 1}},
                tmp_path / "best.pt")

@@ -18,7 +18,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from test_train import write_case
+from helpers import write_case
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -255,7 +255,7 @@ def test_resume_from_another_working_folder(tmp_path) -> None:
     """A run started with a relative --config (whose data.root is relative to it) resumes from any
     working folder: the checkpoint stores its paths absolute."""
     from seg.checkpoint import load_checkpoint
-    from test_train import tiny_sets
+    from helpers import tiny_sets
 
     sets = [s for s in tiny_sets(tmp_path / "ds", tmp_path / "run", 3, iterations=1) if not s.startswith("data.root=")]
     sets.append("data.root='../../ds'")  # relative to the config file's folder

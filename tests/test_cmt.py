@@ -240,7 +240,7 @@ def test_trains_through_the_application(tmp_path) -> None:
 
     from seg.config import apply_overrides
     from seg.train import train
-    from tests.test_train import tiny_config, write_case
+    from helpers import tiny_config, write_case
 
     rng = np.random.default_rng(0)
     for i in range(4):

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from seg import distributed as distr
-from test_train import write_case
+from helpers import write_case
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "ddp_worker.py"

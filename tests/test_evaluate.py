@@ -134,7 +134,7 @@ def test_report_opens_in_headless_chromium(folders, tmp_path):
     except in CI, whose .ci/run installs it: there a missing browser fails the test)."""
     import os
 
-    from seg.browser_check import check_page, find_chromium
+    from browser_check import check_page, find_chromium
 
     if find_chromium() is None and not os.environ.get("CI"):
         pytest.skip("Chromium not installed (apt-get install chromium)")

@@ -23,7 +23,7 @@ import SimpleITK as sitk
 import torch
 
 import infer_seg
-from conftest import point_options
+from helpers import point_options
 from seg import export as ex
 from seg.checkpoint import load_for_inference
 from seg.errors import UserError

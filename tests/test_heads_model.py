@@ -17,7 +17,7 @@ from seg.errors import ConfigError
 from seg.losses import deep_supervision_weights, masked_cross_entropy, soft_dice_loss
 from seg.model import SegmentationModel, TrainOutput, assemble_model, build_model
 
-from conftest import point_options
+from helpers import point_options
 
 SIZES = {2: (37, 45), 3: (19, 27, 23)}  # odd, non-cubic, not multiples of the strides
 DIMS = [2, 3]

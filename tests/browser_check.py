@@ -1,6 +1,6 @@
 """Open an HTML report in headless Chromium: a screenshot, and the console errors it printed.
 
-    python -m seg.browser_check out/pred/evaluation/index.html --screenshot report.png
+    python tests/browser_check.py out/pred/evaluation/index.html --screenshot report.png
 
 Uses Debian's ``chromium`` (``apt-get install chromium``); exits 1 when the page logged a JavaScript
 error or a resource that failed to load, 2 when no Chromium is installed.  The flags keep Chromium off
