@@ -276,3 +276,42 @@ def predict_volume_2d(volume: torch.Tensor | np.ndarray, predictor: Predictor, s
             out_stack = out.movedim(slice_axis + 1, 0)  # (n_slices, K, a, b) view of the result
         out_stack[s0:s0 + res.shape[0]] = res
     return out
+
+
+def slicing_axis(image_dims: int, spatial_dims: int, slice_axis: int | None) -> int | None:
+    """The spatial axis a ``spatial_dims``-D model runs slice by slice along on an image with
+    ``image_dims`` spatial axes: ``slice_axis`` (default 2) for a 2D model on a volume, else None
+    (windows over the whole image).  ``predict_image`` and ``count_windows`` decide by it."""
+    if spatial_dims == 2 and image_dims == 3:
+        return 2 if slice_axis is None else int(slice_axis)
+    return None
+
+
+def predict_image(image: torch.Tensor | np.ndarray, predictor: Predictor, spatial_dims: int,
+                  patch_size: Sequence[int], slice_axis: int | None = None, **kwargs) -> torch.Tensor:
+    """Blended outputs of one (C, *S) image: (K, *S) float32, windows over the image, or over its
+    slices along ``slicing_axis`` (``predict_volume_2d``) for a 2D model on a volume.
+
+    Args:
+        image: (C, X, Y) or (C, X, Y, Z), normalised.
+        predictor: a ``spatial_dims``-D callable (B, C, *P) -> (B, K, *P).
+        spatial_dims: the predictor's spatial dims (2 or 3).
+        patch_size: window size per spatial axis of the predictor.
+        slice_axis: the axis a 2D predictor slices a volume along (None: 2).
+        **kwargs: passed on to ``sliding_window_inference`` (overlap, blend, batch_size, tta, ...).
+    """
+    x = torch.as_tensor(image, dtype=torch.float32)
+    axis = slicing_axis(x.ndim - 1, spatial_dims, slice_axis)
+    if axis is not None:
+        return predict_volume_2d(x, predictor, axis, patch_size, **kwargs)
+    return sliding_window_inference(x[None], predictor, patch_size, **kwargs)[0]
+
+
+def count_windows(shape: Sequence[int], spatial_dims: int, patch_size: Sequence[int], overlap: float,
+                  slice_axis: int | None = None) -> int:
+    """How many windows ``predict_image`` runs (without TTA) over an image of spatial ``shape``."""
+    axis = slicing_axis(len(shape), spatial_dims, slice_axis)
+    if axis is None:
+        return len(window_slices(shape, patch_size, [overlap] * len(shape)))
+    plane = [g for a, g in enumerate(shape) if a != axis]
+    return shape[axis] * len(window_slices(plane, patch_size, [overlap] * 2))

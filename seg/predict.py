@@ -25,8 +25,7 @@ import torch
 
 from seg import io
 from seg.errors import DataError, UserError
-from seg.inference import (DEFAULT_BATCH_SIZE, DEFAULT_BLEND, DEFAULT_OVERLAP, predict_volume_2d,
-                           sliding_window_inference)
+from seg.inference import DEFAULT_BATCH_SIZE, DEFAULT_BLEND, DEFAULT_OVERLAP, predict_image
 from seg.preprocess import check_intensities, normalize, resample, target_grid
 
 logger = logging.getLogger(__name__)
@@ -110,11 +109,8 @@ class Predictor:
 
     def predict_logits(self, image: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Blended logits of a normalised (C, *S) image on its own grid: (K, *S) float32."""
-        x = torch.as_tensor(image, dtype=torch.float32)
-        if self.spatial_dims == 2 and x.ndim == 4:  # 2D model on a volume: slice it
-            axis = 2 if self.bundle.slice_axis is None else int(self.bundle.slice_axis)
-            return predict_volume_2d(x, self.model, axis, self.patch_size, **self.window_kwargs)
-        return sliding_window_inference(x[None], self.model, self.patch_size, **self.window_kwargs)[0]
+        return predict_image(image, self.model, self.spatial_dims, self.patch_size, self.bundle.slice_axis,
+                             **self.window_kwargs)
 
     def predict_array(self, image: np.ndarray, spacing: Sequence[float] | None = None,
                       return_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:

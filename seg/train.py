@@ -255,18 +255,11 @@ def batches(cfg: Any, cases: list, seed: int) -> Iterator[dict[str, torch.Tensor
 # ----------------------------------------------------------------------------- validation
 def validation_windows(data: DataBundle, cfg: Any) -> int:
     """Sliding windows one validation runs over this process's volumes (its cost, in windows)."""
-    from seg.inference import window_slices
+    from seg.inference import count_windows
 
-    d, total = cfg.data, 0
-    for case in data.val_data:
-        grid = case.image.shape[1:]
-        if d.spatial_dims == 2 and len(grid) == 3:  # a 2D model over the slices of a volume
-            plane = [g for a, g in enumerate(grid) if a != d.slice_axis]
-            total += grid[d.slice_axis] * len(window_slices(plane, d.patch_size, [cfg.train.val_overlap] * 2))
-        else:
-            size = [max(g, p) for g, p in zip(grid, d.patch_size)]
-            total += len(window_slices(size, d.patch_size, [cfg.train.val_overlap] * len(grid)))
-    return total
+    d = cfg.data
+    return sum(count_windows(case.image.shape[1:], d.spatial_dims, d.patch_size, cfg.train.val_overlap,
+                             d.slice_axis) for case in data.val_data)
 
 
 class ValidationClock:
