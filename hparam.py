@@ -118,6 +118,7 @@ class Config:
 
     def validate(self) -> "Config":
         """Check every field; raise ``seg.errors.ConfigError`` with a clear message."""
+        # reason: the user's config file stays importable alone (seg.config pulls in torch and every backbone)
         from seg.config import validate_config
         validate_config(self)
         return self

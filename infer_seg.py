@@ -26,8 +26,14 @@ import logging
 import sys
 from pathlib import Path
 
+import torch
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from seg import io
 from seg.cli import add_common_flags, run_cli
 from seg.errors import UserError
+from seg.inference import BLEND_MODES, DEFAULT_BATCH_SIZE, DEFAULT_BLEND, DEFAULT_OVERLAP
+from seg.predict import OUTPUT_FORMATS, Predictor, checked_cases, dataset_inputs, output_path, predict_folder
 
 log = logging.getLogger("infer_seg")
 
@@ -42,15 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-m", "--model", required=True,
                    help="checkpoint file (.pt) from train_seg.py, or an export folder from python -m seg.export "
                         "(its network is a TorchScript program: loads only with --unsafe-load)")
-    from seg.inference import BLEND_MODES, DEFAULT_BATCH_SIZE, DEFAULT_BLEND, DEFAULT_OVERLAP
-
     p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help="sliding-window overlap in [0, 1)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (along the axes mirrored in training)")
     p.add_argument("--blend", default=DEFAULT_BLEND, choices=BLEND_MODES, help="weighting of overlapping windows")
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write OUT/probabilities/<case> (float32, one channel per class)")
-    from seg.predict import OUTPUT_FORMATS
-
     p.add_argument("--format", default="same", choices=OUTPUT_FORMATS,
                    help="output format ('same' = the input's, DICOM-SEG for DICOM series; 'seg.nrrd': 3D Slicer's "
                         "segmentation file, named segments; 'dicom-seg': a DICOM Segmentation object over "
@@ -67,15 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
 def run(args: argparse.Namespace) -> int:
-    from seg import io
-    from seg.predict import Predictor, checked_cases, output_path, predict_folder
-
     if not 0.0 <= args.overlap < 1.0 or args.batch_size < 1:
         raise UserError(f"need 0 <= --overlap < 1 and --batch-size >= 1 (got {args.overlap}, {args.batch_size})")
     cases = checked_cases(args.input, args.output, args.suffix, args.format, args.save_probabilities)  # before the model
@@ -111,9 +108,8 @@ def _evaluate(args: argparse.Namespace, cases: list[str], class_names: list[str]
     if not cases:
         log.info("no prediction to evaluate")
         return
+    # reason: seg.evaluate loads matplotlib (~1.5 s), needed only with --labels
     from seg.evaluate import evaluate_folders
-
-    from seg.predict import dataset_inputs
 
     inputs = dataset_inputs(args.input)[0]  # an nnU-Net dataset folder: its imagesTs/
     image_dir = inputs[0] if len(inputs) == 1 and inputs[0].is_dir() else None
@@ -127,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(levelname)s %(message)s" if args.debug else "%(message)s")
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     with logging_redirect_tqdm():
         return run_cli(lambda: run(args), debug=args.debug)
 

@@ -23,6 +23,13 @@ import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from seg.checkpoint import resume_config  # noqa: E402
+from seg.cli import add_common_flags, run_cli  # noqa: E402
+from seg.config import apply_overrides, load_config  # noqa: E402
+from seg.distributed import RankFailure  # noqa: E402
+from seg.errors import ConfigError  # noqa: E402
+from seg.train import planned_config, train  # noqa: E402
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +46,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--plan-only", action="store_true",
                     help="fingerprint the training cases, print the plan, write OUTPUT_DIR/plan.json, stop")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    from seg.cli import add_common_flags
     add_common_flags(ap, unsafe_load=True)
     return ap.parse_args(argv)
 
@@ -50,18 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"{prefix}%(levelname)s %(name)s: %(message)s")
-    from seg.cli import run_cli
-
     return run_cli(lambda: run(args, rank, prefix), debug=args.debug, prefix=prefix)
 
 
 def run(args: argparse.Namespace, rank: int = 0, prefix: str = "") -> int:
     """Plan or train as ``args`` say; user errors propagate (``seg.cli.run_cli`` reports them)."""
-    from seg.config import apply_overrides, load_config, resume_config
-    from seg.distributed import RankFailure
-    from seg.errors import ConfigError
-    from seg.train import planned_config, train
-
     if args.resume:
         if args.config or args.plan_only or args.overwrite:
             raise ConfigError("--resume continues a run with the configuration stored in its checkpoint: "

@@ -8,7 +8,7 @@ Steps of ``load_pretrained``:
        (``model.stem_key``) to the model's input channels (``adapt_input_conv``);
     4. load strictly: missing, unexpected or ill-fitting keys raise a UserError listing them.
 
-Files are read with ``torch.load(weights_only=True)`` (``seg.checkpoint.torch_load``); one that needs
+Files are read with ``torch.load(weights_only=True)`` (``seg.files.torch_load``); one that needs
 full unpickling is refused unless the caller passes ``unsafe_load=True``.
 """
 from __future__ import annotations
@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from seg.errors import UserError
+from seg.files import torch_load
 
 __all__ = ["LoadReport", "adapt_input_conv", "inflate_conv_weight", "load_pretrained",
            "read_state_dict"]
@@ -104,8 +105,6 @@ def read_state_dict(path: str | os.PathLike, unsafe_load: bool = False) -> dict[
     ``.safetensors`` files.  Unwraps ``{'model' | 'state_dict' | 'model_state_dict' | 'module': ...}``
     and strips ``module.`` / ``_orig_mod.`` prefixes.  Bad files raise ``UserError`` naming the file.
     """
-    from seg.checkpoint import torch_load
-
     path = Path(path)
     if not path.is_file():
         raise UserError("pretrained checkpoint not found", path)

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from seg import io
-from seg.dataset_json import channel_normalization
+from seg.dataset_json import channel_normalization, label_values
 from seg.errors import DataError
 from seg.preprocess import check_intensities
 
@@ -49,16 +49,6 @@ def _schemes(data_cfg: Any, channels: int) -> list[str | None]:
     if isinstance(norm, str) and norm == "auto":
         return channel_normalization(getattr(data_cfg, "channel_names", None)) or []
     return [norm] * channels if isinstance(norm, str) else list(norm)
-
-
-def label_values(label: np.ndarray) -> np.ndarray:
-    """Sorted distinct values of a label array (a bincount for compact integer ranges)."""
-    if label.dtype.kind in "iub" and label.size:
-        lo, hi = int(label.min()), int(label.max())
-        if hi - lo < 1 << 20:
-            counts = np.bincount((label.ravel().astype(np.int64) - lo))
-            return np.flatnonzero(counts) + lo
-    return np.unique(label)
 
 
 def check_label_values(label: np.ndarray, num_classes: int, label_remap: Mapping[int, int] | None,

@@ -1,4 +1,4 @@
-"""Checkpoints: written atomically, self-describing, enough on their own for inference.
+"""Checkpoints, written and read here: self-describing, enough on their own for inference.
 
 A checkpoint is a dict with:
     format_version, model (state dict), model_config (kwargs of ``seg.model.build_model``),
@@ -6,53 +6,40 @@ A checkpoint is a dict with:
     preprocessing (``Preprocessing.to_dict()``), class_names, label_values (the label value of each
     class in the training files, ``data.label_remap`` inverted), in_channels, mirror_axes (of training,
     used by test-time mirroring), plan (``RUN/plan.json``: the fingerprint summary and decisions),
-    and, for resuming, optimizer, scheduler, scaler, iteration, rng, best, config.
+    and, for resuming, optimizer, scheduler, scaler, iteration, rng, best, config, config_source.
+
+Writing: ``checkpoint_state`` (the dict above) and ``save_checkpoint`` (atomic, ``seg.files``).
+Reading: ``load_checkpoint`` (checked), ``load_for_inference`` (the model rebuilt), ``restore``
+(training state, to resume) and ``resume_config`` (the configuration a resumed run continues with).
 
 Everything but the tensors is plain Python (``to_plain``), so ``torch.load(weights_only=True)``
-reads a checkpoint without running code from the file.  Files that need full unpickling are loaded
-only when the caller opts in (``unsafe_load=True``; ``--unsafe-load`` on the command lines).
+(``seg.files.torch_load``) reads a checkpoint without running code from the file.  Files that need
+full unpickling are loaded only when the caller opts in (``unsafe_load=True``; ``--unsafe-load`` on
+the command lines).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import os
-import pickle
-import tempfile
+import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from seg.errors import UserError
+from seg.config import RESUME_FIELDS, apply_overrides, config_from_dict, stored_config
+from seg.dataset_json import label_values_from
+from seg.errors import ConfigError, UserError
+from seg.files import torch_load, torch_save_atomic
+from seg.model import build_model
 from seg.preprocess import Preprocessing
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 REQUIRED = ("model", "model_config", "spatial_dims", "patch_size", "preprocessing", "class_names")
-
-# The only non-tensor classes ``weights_only`` loading admits: NumPy's RNG state as checkpoints
-# written before it was stored as a list held it (a uint32 array).  Arrays are rebuilt from raw
-# bytes; no constructor of the file's choosing runs.
-_numpy_core = getattr(np, "_core", None) or np.core
-SAFE_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType, _numpy_core.multiarray._reconstruct]
-
-
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def to_plain(obj: Any) -> Any:
@@ -73,51 +60,6 @@ def to_plain(obj: Any) -> Any:
     if obj is None or isinstance(obj, torch.Tensor):
         return obj
     raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (plain data only): {obj!r}")
-
-
-def torch_load(path: str | os.PathLike, map_location: str | torch.device = "cpu",
-               unsafe_load: bool = False, what: str = "checkpoint") -> Any:
-    """``torch.load`` with ``weights_only=True`` (tensors, plain containers and ``SAFE_GLOBALS``).
-
-    A file that needs other Python objects raises a UserError naming them and the opt-in, unless
-    ``unsafe_load``: then it is unpickled in full (which runs code stored in the file), with a warning.
-
-    Raises:
-        UserError: the file is unreadable, or needs full unpickling and ``unsafe_load`` is False.
-    """
-    path = Path(path)
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        needs = _unsafe_globals(path) or [_first_reason(exc)]
-    except Exception as exc:  # noqa: BLE001 - truncated zip, not a torch file, ...: unusable
-        raise UserError(f"not a readable {what} ({type(exc).__name__}: {_first_reason(exc)})", path) from exc
-    if not unsafe_load:
-        raise UserError(f"cannot be loaded safely: it holds Python objects beyond tensors and plain "
-                        f"data ({', '.join(needs[:3])}), and unpickling them can run arbitrary code. "
-                        f"If you trust this file, load it with --unsafe-load (unsafe_load=True)", path)
-    logger.warning("%s: unpickled in full (--unsafe-load); this runs code stored in the file", path)
-    try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001
-        raise UserError(f"not a readable {what} ({type(exc).__name__}: {_first_reason(exc)})", path) from exc
-
-
-def _unsafe_globals(path: Path) -> list[str]:
-    """The classes and functions a zip-format torch file needs beyond the safe set ([] if unknown)."""
-    safe = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
-    try:
-        return [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in safe]
-    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be inspected
-        return []
-
-
-def _first_reason(exc: BaseException) -> str:
-    """The informative line of a (possibly long, multi-line) torch.load error."""
-    lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
-    hits = [l for l in lines if "GLOBAL" in l or "allowlisted" in l or "Unsupported" in l]
-    return (hits or lines or [type(exc).__name__])[0][:300]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -151,20 +93,6 @@ def model_config_from(cfg: Any) -> dict[str, Any]:
         "head_kwargs": dict(m.head_kwargs),
         "pointrend": pointrend,
     })
-
-
-def label_values_from(label_remap: dict[int, int] | None, num_classes: int) -> list[int]:
-    """The label value of each class index in the training files: the inverse of
-    ``data.label_remap`` ({file value: class index}); indices no remap targets keep their value.
-
-    >>> label_values_from({255: 1}, 2), label_values_from({4: 2}, 3), label_values_from({1: 2, 2: 1}, 3)
-    ([0, 255], [0, 1, 4], [0, 2, 1])
-    """
-    values = list(range(num_classes))
-    for old, new in reversed(list((label_remap or {}).items())):  # the first source wins
-        if 0 <= int(new) < num_classes:
-            values[int(new)] = int(old)
-    return values
 
 
 def preprocessing_from(cfg: Any) -> Preprocessing:
@@ -220,8 +148,6 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
                        unsafe_load: bool = False) -> InferenceBundle:
     """Rebuild the model of a checkpoint in eval mode on ``device`` (``unsafe_load``: see
     ``load_checkpoint``)."""
-    from seg.model import build_model
-
     ckpt = load_checkpoint(path, unsafe_load=unsafe_load)
     model = build_model(**upgrade_model_config(ckpt["model_config"]))
     try:
@@ -240,3 +166,107 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
         mirror_axes=None if ckpt.get("mirror_axes") is None else tuple(int(a) for a in ckpt["mirror_axes"]),
         label_values=None if ckpt.get("label_values") is None else tuple(int(v) for v in ckpt["label_values"]),
     )
+
+
+# ----------------------------------------------------------------------------- writing
+def rng_state() -> dict[str, Any]:
+    """Every generator's state as tensors and plain Python (NumPy's key array as a list), so that
+    checkpoints load with ``weights_only=True``."""
+    state = {"python": random.getstate(), "numpy": to_plain(np.random.get_state()),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(tuple(state["python"]))
+    np.random.set_state(tuple(state["numpy"]))  # older checkpoints: the key as an array
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():  # as many devices as are visible now
+        for i, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, i)
+
+
+def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: int, best: float,
+                     plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint of a training run at ``iteration`` (module docstring), the RNG states included."""
+    d = cfg.data
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": model.state_dict(),
+        "model_config": model_config_from(cfg),
+        **to_plain({  # plain data only: the file loads with weights_only=True (torch_load)
+            "spatial_dims": d.spatial_dims,
+            "patch_size": tuple(d.patch_size),
+            "slice_axis": d.slice_axis if d.spatial_dims == 2 else None,
+            "preprocessing": preprocessing_from(cfg).to_dict(),
+            "class_names": list(d.class_names),
+            "in_channels": d.in_channels,
+            "mirror_axes": list(d.mirror_axes),
+            "label_values": label_values_from(d.label_remap, d.num_classes),
+            "plan": plan,
+            "iteration": iteration,
+            "best": best,
+            "config": stored_config(cfg),
+            "config_source": None if getattr(cfg, "_source", None) is None else os.path.abspath(cfg._source),
+        }),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng_state(),
+    }
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``state`` (``checkpoint_state``) to ``path`` atomically."""
+    return torch_save_atomic(state, path)
+
+
+# ----------------------------------------------------------------------------- resuming
+def restore(path: str, model, optimizer, scheduler, scaler, unsafe_load: bool = False,
+            ckpt: dict | None = None) -> tuple[int, float]:
+    """Load model, optimiser, scheduler, scaler and RNG states; return (iteration, best).
+    ``ckpt``: the checkpoint of ``path`` if already read; ``unsafe_load``: see ``load_checkpoint``."""
+    ckpt = ckpt if ckpt is not None else load_checkpoint(path, unsafe_load=unsafe_load)
+    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
+                      ("scaler", scaler)):
+        if name not in ckpt:
+            raise UserError(f"cannot resume: checkpoint has no {name} state", path)
+        try:
+            obj.load_state_dict(ckpt[name])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"cannot resume: {name} state does not fit this configuration ({exc})",
+                            path) from exc
+    if "rng" in ckpt:
+        set_rng_state(ckpt["rng"])
+    return int(ckpt["iteration"]), float(ckpt.get("best", -1.0))
+
+
+def resume_config(template: Any, checkpoint: str, overrides: Sequence[str], unsafe_load: bool = False) -> Any:
+    """The configuration a run resumed from ``checkpoint`` continues with: the run's own (stored in
+    the checkpoint), with ``overrides`` limited to ``RESUME_FIELDS``.
+
+    Raises:
+        ConfigError: an override of another field, or a ``train.iterations`` the run has reached.
+    """
+    ckpt = load_checkpoint(checkpoint, unsafe_load=unsafe_load)
+    if "config" not in ckpt or "iteration" not in ckpt:
+        raise ConfigError("cannot resume: the checkpoint holds no training state (config, iteration)",
+                          checkpoint)
+    cfg = config_from_dict(template, ckpt["config"], checkpoint)
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key not in RESUME_FIELDS:
+            raise ConfigError(f"--set {key} with --resume: a resumed run keeps its own configuration; "
+                              f"only {' and '.join(RESUME_FIELDS)} may change")
+    apply_overrides(cfg, overrides)
+    cfg.train.output_dir = str(Path(checkpoint).parent)  # the run continues in its own folder
+    if ckpt.get("config_source"):
+        cfg._source = ckpt["config_source"]  # relative data paths resolve as they did for the run
+    done = int(ckpt["iteration"])
+    if cfg.train.iterations is not None and cfg.train.iterations <= done:
+        raise ConfigError(f"the run is at iteration {done}: to continue it, set train.iterations above "
+                          f"that (--set train.iterations=N)", checkpoint)
+    cfg._resumed_from = str(checkpoint)
+    return cfg

@@ -1,14 +1,18 @@
-"""Loading, overriding and validating the ``hparam.py`` configuration."""
+"""Loading, overriding and validating the ``hparam.py`` configuration, and its paths as a run
+stores them (``stored_config``; ``config_from_dict`` reads them back)."""
 from __future__ import annotations
 
 import ast
 import dataclasses
 import importlib.util
+import os
 import sys
 import typing
 from pathlib import Path
 from typing import Any, Sequence
 
+import backbones
+import heads
 from seg.errors import ConfigError
 from seg.preprocess import NORMALIZATIONS
 from seg.registry import unknown_name_message
@@ -121,9 +125,6 @@ def _axes_ok(axes: Any, dims: int) -> bool:
 
 def validate_config(cfg: Any) -> None:
     """Check the whole configuration; raise ConfigError with a clear message."""
-    import backbones
-    import heads
-
     d, m, t = cfg.data, cfg.model, cfg.train
     checks = [
         (d.spatial_dims in (2, 3), f"data.spatial_dims must be 2 or 3, got {d.spatial_dims!r}"),
@@ -225,32 +226,25 @@ def config_from_dict(template: Any, values: dict[str, Any], where: str = "checkp
     return template
 
 
-def resume_config(template: Any, checkpoint: str, overrides: Sequence[str], unsafe_load: bool = False) -> Any:
-    """The configuration a run resumed from ``checkpoint`` continues with: the run's own (stored in
-    the checkpoint), with ``overrides`` limited to ``RESUME_FIELDS``.
+def resolve_data_path(cfg: Any, *parts: str | None) -> Path | None:
+    """Join data folders; relative roots resolve against the config file's folder."""
+    if any(p is None for p in parts):
+        return None
+    root = Path(cfg.data.root)
+    if not root.is_absolute():
+        base = Path(getattr(cfg, "_source", Path(__file__).resolve().parent.parent / "hparam.py")).parent
+        root = base / root
+    return root.joinpath(*parts[1:]) if parts[0] == "root" else root.joinpath(*parts)
 
-    Raises:
-        ConfigError: an override of another field, or a ``train.iterations`` the run has reached.
-    """
-    from seg.checkpoint import load_checkpoint
 
-    ckpt = load_checkpoint(checkpoint, unsafe_load=unsafe_load)
-    if "config" not in ckpt or "iteration" not in ckpt:
-        raise ConfigError("cannot resume: the checkpoint holds no training state (config, iteration)",
-                          checkpoint)
-    cfg = config_from_dict(template, ckpt["config"], checkpoint)
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if key not in RESUME_FIELDS:
-            raise ConfigError(f"--set {key} with --resume: a resumed run keeps its own configuration; "
-                              f"only {' and '.join(RESUME_FIELDS)} may change")
-    apply_overrides(cfg, overrides)
-    cfg.train.output_dir = str(Path(checkpoint).parent)  # the run continues in its own folder
-    if ckpt.get("config_source"):
-        cfg._source = ckpt["config_source"]  # relative data paths resolve as they did for the run
-    done = int(ckpt["iteration"])
-    if cfg.train.iterations is not None and cfg.train.iterations <= done:
-        raise ConfigError(f"the run is at iteration {done}: to continue it, set train.iterations above "
-                          f"that (--set train.iterations=N)", checkpoint)
-    cfg._resumed_from = str(checkpoint)
-    return cfg
+def stored_config(cfg: Any) -> dict[str, Any]:
+    """``cfg.to_dict()`` with its paths absolute, as a checkpoint stores it, so that a run resumes
+    from any working folder: ``data.root`` resolved against the config file's folder
+    (``resolve_data_path``), ``model.pretrained`` and ``train.output_dir`` against the working
+    folder (the folders under ``data.root`` stay relative to it)."""
+    out = cfg.to_dict()
+    out["data"]["root"] = os.path.abspath(resolve_data_path(cfg, "root"))
+    if cfg.model.pretrained:
+        out["model"]["pretrained"] = os.path.abspath(cfg.model.pretrained)
+    out["train"]["output_dir"] = os.path.abspath(cfg.train.output_dir)
+    return out

@@ -34,6 +34,9 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
+from tqdm import tqdm
+
 from seg import io
 from seg.errors import ConfigError, DataError
 
@@ -92,6 +95,31 @@ def remap_for(values: Sequence[int]) -> dict[int, int] | None:
     every value is its own index)."""
     remap = {int(v): i for i, v in enumerate(values) if int(v) != i}
     return remap or None
+
+
+def label_values_from(label_remap: dict[int, int] | None, num_classes: int) -> list[int]:
+    """The label value of each class index in the training files: the inverse of
+    ``data.label_remap`` ({file value: class index}); indices no remap targets keep their value.
+
+    >>> label_values_from({255: 1}, 2), label_values_from({4: 2}, 3), label_values_from({1: 2, 2: 1}, 3)
+    ([0, 255], [0, 1, 4], [0, 2, 1])
+    """
+    values = list(range(num_classes))
+    for old, new in reversed(list((label_remap or {}).items())):  # the first source wins
+        if 0 <= int(new) < num_classes:
+            values[int(new)] = int(old)
+    return values
+
+
+
+def label_values(label: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a label array (a bincount for compact integer ranges)."""
+    if label.dtype.kind in "iub" and label.size:
+        lo, hi = int(label.min()), int(label.max())
+        if hi - lo < 1 << 20:
+            counts = np.bincount((label.ravel().astype(np.int64) - lo))
+            return np.flatnonzero(counts) + lo
+    return np.unique(label)
 
 
 def read_dataset_json(path: str | Path) -> DatasetJson:
@@ -234,10 +262,6 @@ def discover_classes(label_paths: Sequence[Path], progress: bool = False) -> tup
         DataError: a negative value, one above ``io.MAX_LABEL_VALUE``, or more than
             ``MAX_DISCOVERED_CLASSES`` distinct values.
     """
-    from tqdm import tqdm
-
-    from datasets.checks import label_values
-
     found: set[int] = {0}
     for path in tqdm(label_paths, desc="label values", unit="case", disable=not progress or len(label_paths) < 20,
                      leave=False):
@@ -314,11 +338,15 @@ def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.
     return out
 
 
+def described_fields(cfg: Any) -> list[tuple[str, Any, str, str]]:
+    """(field, value, source, why) of each field ``describe_data`` resolved for ``cfg`` (the first
+    rows of the plan table and plan.json); [] for a config it did not describe."""
+    return list(getattr(cfg, "_description", ()))
+
+
 def _check_written_values(d: Any) -> None:
     """Every class's label value (``data.label_remap`` inverted) fits the label maps we write; a
     ConfigError naming the remap entry before the run, not an error at the first output."""
-    from seg.checkpoint import label_values_from
-
     top = max(label_values_from(d.label_remap, len(d.class_names)))
     if top > io.MAX_LABEL_VALUE:
         raise ConfigError(f"data.label_remap={d.label_remap!r} maps label value {top} to a class: the label "

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from seg import io, report
 from seg.cli import add_common_flags, run_cli
+from seg.dataset_json import read_dataset_json
 from seg.errors import DataError
 from seg.metrics import (DEFAULT_METRICS, DEFAULT_OPTIONS, MetricAccumulator, evaluate_case_with_distances,
                          validate_options)
@@ -207,8 +208,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def dataset_json_classes(label_dir: str | Path) -> tuple[list[str], list[int]] | None:
     """(foreground class names, their label values) from the ``dataset.json`` of the nnU-Net dataset
     ``label_dir`` lies in (``DatasetXXX/labelsTr``), or None when there is none."""
-    from seg.dataset_json import read_dataset_json
-
     path = Path(label_dir).parent / "dataset.json"
     if not path.is_file():
         return None

@@ -45,9 +45,7 @@ import math
 import os
 import re
 import reprlib
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -60,6 +58,9 @@ import torch.nn as nn
 from seg.checkpoint import InferenceBundle, load_for_inference
 from seg.cli import add_common_flags, run_cli
 from seg.errors import UserError
+from seg.files import write_atomic
+from seg.io import label_dtype
+from seg.pointrend import subdivision_sizes
 from seg.preprocess import NORMALIZATIONS, Preprocessing
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         out_dir: the export folder (created; other files in it are left alone).
         onnx: also write ``model.onnx`` where the operators allow.
         overwrite: replace an export already in ``out_dir``.
-        unsafe_load: admit a checkpoint that needs full unpickling (``seg.checkpoint.torch_load``).
+        unsafe_load: admit a checkpoint that needs full unpickling (``seg.files.torch_load``).
         atol: max absolute logit difference to the eager model accepted for a network file.
 
     Returns:
@@ -157,8 +158,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
     computes, pointrend = _describe(model, bundle)
     created = [p for p in [out_dir, *out_dir.parents] if not p.exists()]  # removed again on failure
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", suffix=".tmp", dir=out_dir))
-    try:
+    manifest: dict[str, Any] = {}
+
+    def write(manifest_path: Path) -> None:  # in a temporary folder, moved into out_dir at the end
+        tmp = manifest_path.parent
         networks = {"torchscript": _export_torchscript(model, bundle, tmp / TORCHSCRIPT_FILE, atol,
                                                        checkpoint, computes)}
         networks["onnx"] = _export_onnx(model, bundle, tmp / ONNX_FILE, atol, computes) if onnx \
@@ -166,16 +169,18 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike,
         for entry in networks.values():
             if entry["file"] is not None:
                 entry["sha256"] = _sha256(tmp / entry["file"])  # checked before loading
-        manifest = _manifest(bundle, checkpoint, computes, pointrend, networks)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        files = _move_into_place(tmp, out_dir, [TORCHSCRIPT_FILE, ONNX_FILE, MANIFEST])
+        manifest.update(_manifest(bundle, checkpoint, computes, pointrend, networks))
+        manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+        _clear_earlier_export(tmp, out_dir)
+
+    try:
+        write_atomic(out_dir / MANIFEST, write)  # the manifest last: it marks a complete export
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         for folder in created:  # innermost first
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    files = [out_dir / n for n in (TORCHSCRIPT_FILE, ONNX_FILE, MANIFEST) if (out_dir / n).exists()]
     logger.info("export written to %s (%s)", out_dir, ", ".join(p.name for p in files))
     return ExportResult(out_dir, manifest, files)
 
@@ -191,8 +196,6 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 def _describe(model: nn.Module, bundle: InferenceBundle) -> tuple[str, dict | None]:
     """What ``model.forward`` computes on a patch, in words, and the PointRend schedule (or None)."""
-    from seg.pointrend import subdivision_sizes
-
     options = getattr(model, "pointrend", None)
     if getattr(model, "point_head", None) is None or not options:
         return "SegmentationModel.forward in eval mode: the coarse head's logits upsampled " \
@@ -399,18 +402,14 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _move_into_place(tmp: Path, out_dir: Path, names: Sequence[str]) -> list[Path]:
-    """Rename the files of ``tmp`` into ``out_dir``, the manifest last (it marks a complete export);
-    a file of an earlier export this one does not have (an ONNX file) is removed."""
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # no manifest pointing at half-replaced files
-    written = []
-    for name in names:
-        if (tmp / name).exists():
-            os.replace(tmp / name, out_dir / name)
-            written.append(out_dir / name)
-        else:
+def _clear_earlier_export(tmp: Path, out_dir: Path) -> None:
+    """Before this export's files (in ``tmp``) move in: remove the manifest of an earlier export in
+    ``out_dir`` (no manifest pointing at half-replaced files) and its network files this export does
+    not have (an ONNX file)."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for name in (TORCHSCRIPT_FILE, ONNX_FILE):
+        if not (tmp / name).exists():
             (out_dir / name).unlink(missing_ok=True)
-    return written
 
 
 # -------------------------------------------------------------------------------------------- load
@@ -570,8 +569,6 @@ def _ints(v: Any, n: int, low: int | None = None, high: int | None = None) -> bo
 
 def _fits_label_map(values: Sequence[int]) -> bool:
     """The largest label value fits the widest label map ``seg.io`` writes."""
-    from seg.io import label_dtype
-
     try:
         label_dtype(np.zeros(0, np.int64), max(values) + 1)
     except ValueError:

@@ -40,10 +40,10 @@ One geometry tolerance (``check_geometry``) for every comparison of two grids (i
 channel and channel, prediction and label): headers store floats, often float32, so spacing may
 differ by a relative 1e-3, origin by 5 % of the smallest voxel size, direction cosines by 1e-3.
 
-Writes are atomic: the file is written under its final name inside a hidden temporary folder next to
-the destination, then moved into place with ``os.replace``.  A crash never leaves a half-written
-output under the final name, and formats with a detached data file (.mhd/.raw, .nhdr/.raw.gz) keep a
-header that names the right data file.  A label map written as ``.dcm`` is a DICOM Segmentation
+Writes are atomic (``seg.files.write_atomic``): the file is written under its final name inside a
+hidden temporary folder next to the destination, then moved into place with ``os.replace``.  A crash
+never leaves a half-written output under the final name, and formats with a detached data file
+(.mhd/.raw, .nhdr/.raw.gz) keep a header that names the right data file.  A label map written as ``.dcm`` is a DICOM Segmentation
 object (``dicom_segmentation``) referencing the series it was read from.
 """
 from __future__ import annotations
@@ -56,8 +56,6 @@ import logging
 import os
 import re
 import reprlib
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, NoReturn, Sequence
 
@@ -65,7 +63,9 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from seg import __version__
 from seg.errors import DataError
+from seg.files import write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -869,7 +869,7 @@ def write_label(path: str | os.PathLike, labels: np.ndarray, meta: ImageMeta,
         if segments is None:
             raise ValueError("a DICOM-SEG output needs its segments (name, label value)")
         seg = dicom_segmentation(labels, meta, segments, path)
-        return _replace_atomic(path, lambda tmp: seg.save_as(tmp))
+        return write_atomic(path, lambda tmp: seg.save_as(tmp))
     arr = labels.astype(label_dtype(labels, num_classes), copy=False)
     img = meta.apply(sitk.GetImageFromArray(arr.transpose(*range(arr.ndim - 1, -1, -1))))
     if is_seg_nrrd(path):
@@ -877,7 +877,7 @@ def write_label(path: str | os.PathLike, labels: np.ndarray, meta: ImageMeta,
             raise DataError("a .seg.nrrd output needs a 3D label map and its segment names", path)
         for key, value in slicer_segment_fields(arr, segments).items():
             img.SetMetaData(key, value)
-    return _write_atomic(img, path, compress)
+    return _write_sitk_atomic(img, path, compress)
 
 
 def write_image(path: str | os.PathLike, array: np.ndarray, meta: ImageMeta,
@@ -899,33 +899,18 @@ def write_image(path: str | os.PathLike, array: np.ndarray, meta: ImageMeta,
         img = sitk.GetImageFromArray(array[0].transpose(*range(d - 1, -1, -1)))
     else:  # (C, *S) -> (*S reversed, C)
         img = sitk.GetImageFromArray(array.transpose(*range(d, 0, -1), 0), isVector=True)
-    return _write_atomic(meta.apply(img), path, compress)
+    return _write_sitk_atomic(meta.apply(img), path, compress)
 
 
-def _write_atomic(img: sitk.Image, path: str | os.PathLike, compress: bool) -> Path:
-    """Write ``img`` with SimpleITK, atomically (``_replace_atomic``)."""
+def _write_sitk_atomic(img: sitk.Image, path: str | os.PathLike, compress: bool) -> Path:
+    """Write ``img`` with SimpleITK, atomically (``seg.files.write_atomic``)."""
     path = Path(path)
     if path.name.lower().endswith(".png"):
         compress = False  # PNG is always compressed; SimpleITK rejects the flag for it
     try:
-        return _replace_atomic(path, lambda tmp: sitk.WriteImage(img, str(tmp), compress))
+        return write_atomic(path, lambda tmp: sitk.WriteImage(img, str(tmp), compress))
     except RuntimeError as e:
         raise DataError(f"cannot write image ({_first_line(e)})", path) from None
-
-
-def _replace_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """``write(tmp)`` the file under its final name in a temporary sibling folder, then move what
-    it wrote into place (a detached data file first, the named file last)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        write(tmp / path.name)
-        for f in sorted(tmp.iterdir(), key=lambda p: p.name == path.name):
-            os.replace(f, path.parent / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 # ----------------------------------------------------------------------------- DICOM-SEG
@@ -964,8 +949,6 @@ def dicom_segmentation(labels: np.ndarray, meta: ImageMeta, segments: Sequence[t
         DataError: ``meta`` is not a DICOM series', no segment, or highdicom refuses the source headers.
     """
     import highdicom as hd
-
-    from seg import __version__
 
     if not meta.dicom:
         raise DataError("a DICOM-SEG output needs a DICOM series as input (the series it refers to)", path)

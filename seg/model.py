@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from backbones import build_backbone
 from heads import HEADS, StandardPointHead, as_feature_info, build_head, nearest_level
 from seg import ops
 from seg import pointrend as pr
@@ -302,7 +303,5 @@ def build_model(spatial_dims: int, in_channels: int, num_classes: int,
         pointrend: None/False (no point head), or an ``hparam.PointRendConfig`` / its dict with
             every option of ``POINTREND_OPTIONS`` (point budgets resolved, not 'auto').
     """
-    from backbones import build_backbone
-
     net = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
     return assemble_model(net, spatial_dims, num_classes, head, head_kwargs, pointrend, in_channels)

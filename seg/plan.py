@@ -26,8 +26,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
-from seg.dataset_json import channel_normalization
+from backbones import build_backbone
+from datasets import arrays
+from heads import as_feature_info
+from seg.dataset_json import channel_normalization, described_fields
+from seg.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +223,6 @@ def compute_fingerprint(cases: Sequence[Any], data_cfg: Any, cache: str | os.Pat
         cache: JSON file to read and write, or None.
         progress: show a tqdm bar.
     """
-    from tqdm import tqdm
-
-    from datasets.arrays import as_class_indices, read_case_image, read_label_raw
-
     key = cases_key(cases, data_cfg)
     if cache is not None and Path(cache).is_file():
         try:
@@ -233,9 +234,9 @@ def compute_fingerprint(cases: Sequence[Any], data_cfg: Any, cache: str | os.Pat
     per_case = {}
     for i, case in enumerate(tqdm(cases, desc="fingerprint", unit="case", disable=not progress,
                                   leave=False, dynamic_ncols=True)):
-        image, meta = read_case_image(case.images)
-        raw, _ = read_label_raw(case.label)
-        per_case[case.name] = case_fingerprint(image, as_class_indices(raw, data_cfg.label_remap), meta, i)
+        image, meta = arrays.read_case_image(case.images)
+        raw, _ = arrays.read_label_raw(case.label)
+        per_case[case.name] = case_fingerprint(image, arrays.as_class_indices(raw, data_cfg.label_remap), meta, i)
     fingerprint = {"version": FINGERPRINT_VERSION, "key": key, **summarise(per_case)}
     if cache is not None:
         write_json_atomic(fingerprint, cache)
@@ -243,12 +244,8 @@ def compute_fingerprint(cases: Sequence[Any], data_cfg: Any, cache: str | os.Pat
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON to a temporary sibling, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    """Write ``obj`` as JSON to ``path`` atomically (``seg.files.write_bytes_atomic``)."""
+    write_bytes_atomic(path, json.dumps(obj, indent=1))
 
 
 # ----------------------------------------------------------------------------- rules
@@ -480,9 +477,6 @@ class Decision:
 
 def level_strides(cfg: Any) -> list[tuple[int, ...]]:
     """Per-axis strides of the feature levels of the configured backbone (built, not trained)."""
-    from backbones import build_backbone
-    from heads import as_feature_info
-
     d, m = cfg.data, cfg.model
     net = build_backbone(m.backbone, d.spatial_dims, d.in_channels, **dict(m.backbone_kwargs))
     return [f.stride for f in as_feature_info(net.feature_info, d.spatial_dims)]
@@ -535,7 +529,7 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]]) ->
     """
     d, pr = cfg.data, cfg.model.pointrend
     # what the data describe (seg.dataset_json.describe_data): shown and recorded with the plan
-    out: list[Decision] = [Decision(*x) for x in getattr(cfg, "_description", ())]
+    out: list[Decision] = [Decision(*x) for x in described_fields(cfg)]
     vol_dims = fp["spatial_dims"]
     budget = d.patch_voxel_budget or PATCH_BUDGET[d.spatial_dims]
     spacing = plan_target_spacing(fp["spacings"], fp["sizes"])

@@ -22,9 +22,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from seg import io
+from seg.checkpoint import load_for_inference
+from seg.dataset_json import read_dataset_json
 from seg.errors import DataError, UserError
+from seg.export import load_export
 from seg.inference import DEFAULT_BATCH_SIZE, DEFAULT_BLEND, DEFAULT_OVERLAP, predict_image
 from seg.preprocess import check_intensities, normalize, resample, target_grid
 
@@ -90,11 +94,7 @@ class Predictor:
         folder as an export of ``python -m seg.export`` with ``seg.export.load_export`` (its
         TorchScript network is a program: it loads only with ``unsafe_load``)."""
         if Path(path).is_dir():
-            from seg.export import load_export
-
             return cls(load_export(path, device, unsafe_load), **kwargs)
-        from seg.checkpoint import load_for_inference
-
         return cls(load_for_inference(path, device, unsafe_load), **kwargs)
 
     def check_input(self, image: np.ndarray, path: str | os.PathLike | None = None) -> None:
@@ -278,8 +278,6 @@ def dataset_inputs(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> t
         DataError: a bad ``dataset.json``, a dataset folder without ``imagesTs/``, or inputs from
             datasets with different file endings.
     """
-    from seg.dataset_json import read_dataset_json
-
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out, patterns = [], set()
     for item in map(Path, items):
@@ -336,7 +334,6 @@ def predict_folder(predictor: Predictor, inputs: str | os.PathLike | Sequence[st
     """
     cases = checked_cases(inputs, out_dir, suffix, fmt, save_probabilities)
     report = PredictionReport()
-    from tqdm import tqdm
     for case in tqdm(cases, desc="cases", unit="case", disable=not progress):
         out = output_path(case, out_dir, suffix, fmt)
         if out.exists() and not overwrite:

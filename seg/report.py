@@ -1,7 +1,8 @@
 """Evaluation report: per-case CSV, summary JSON, contour pictures, box plots and a static index.html.
 
-Every file is written atomically (a temporary file in the same folder, then ``os.replace``), so a
-reader never sees half a report file. The HTML uses relative links only and no external assets.
+Every file is written atomically (``seg.files.write_bytes_atomic``: a temporary in the same folder,
+then ``os.replace``), so a reader never sees half a report file. The HTML uses relative links only
+and no external assets.
 """
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 
+from seg.files import write_bytes_atomic  # noqa: E402
 from seg.metrics import HIGHER_IS_BETTER, MetricAccumulator, SurfaceDistances  # noqa: E402
 
 REF_COLOUR, PRED_COLOUR = "#00e676", "#ff1744"  # green reference, red prediction
@@ -29,30 +30,14 @@ CASE_CSV, SUMMARY_JSON, INDEX_HTML = "metrics_per_case.csv", "summary.json", "in
 
 
 # ---------------------------------------------------------------------------------------------------
-# Atomic writers
+# Figures
 # ---------------------------------------------------------------------------------------------------
-def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
-    """Writes ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save_figure(fig: plt.Figure, path: str | os.PathLike, dpi: int = 100) -> Path:
     """Renders a matplotlib figure to PNG in memory, writes it atomically and closes the figure."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    return write_atomic(path, buf.getvalue())
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -70,7 +55,7 @@ def write_case_csv(path: Path, acc: MetricAccumulator, class_names: Mapping[int,
     w.writerow(["case", "label", "class", *metrics])
     for case, label, values in acc.rows():
         w.writerow([case, label, class_names.get(label, str(label)), *(_fmt(values[m]) for m in metrics)])
-    return write_atomic(path, buf.getvalue())
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def _json_number(x: float) -> float | str:
@@ -92,7 +77,7 @@ def build_summary(acc: MetricAccumulator, class_names: Mapping[int, str], option
 
 
 def write_summary_json(path: Path, summary: Mapping[str, Any]) -> Path:
-    return write_atomic(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    return write_bytes_atomic(path, json.dumps(summary, indent=2, allow_nan=False) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,4 +230,4 @@ def write_index_html(out_dir: Path, summary: Mapping[str, Any], acc: MetricAccum
           for c, f in pictures.items()),
         "</body></html>\n",
     ]
-    return write_atomic(out_dir / INDEX_HTML, "\n".join(parts))
+    return write_bytes_atomic(out_dir / INDEX_HTML, "\n".join(parts))

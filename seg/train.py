@@ -20,21 +20,30 @@ import csv
 import dataclasses
 import logging
 import math
-import os
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import datasets as ds
+from backbones.pretrained import load_pretrained
 from seg import distributed as distr
 from seg import plan as planning
-from seg.checkpoint import (atomic_torch_save, label_values_from, load_checkpoint, model_config_from,
-                            preprocessing_from, to_plain)
-from seg.errors import ConfigError, UserError
+from seg.checkpoint import (checkpoint_state, inference_bundle, load_checkpoint, model_config_from, restore,
+                            save_checkpoint)
+from seg.config import resolve_data_path
+from seg.dataset_json import describe_data
+from seg.errors import ConfigError
+from seg.inference import count_windows
+from seg.metrics import MetricAccumulator, evaluate_case
+from seg.model import build_model
+from seg.predict import Predictor, labels_from_logits, to_input_grid
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +71,6 @@ def segment_seed(seed: int, iteration: int) -> int:
     return (seed * 1_000_003 + iteration * 7919) % 2**31
 
 
-def rng_state() -> dict[str, Any]:
-    """Every generator's state as tensors and plain Python (NumPy's key array as a list), so that
-    checkpoints load with ``weights_only=True``."""
-    state = {"python": random.getstate(), "numpy": to_plain(np.random.get_state()),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(tuple(state["python"]))
-    np.random.set_state(tuple(state["numpy"]))  # older checkpoints: the key as an array
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():  # as many devices as are visible now
-        for i, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, i)
-
-
 def decay_factor(progress: float, schedule: str) -> float:
     """The LR factor after warm-up at ``progress`` in [0, 1]: cosine, or poly(0.9), to zero."""
     if schedule == "cosine":
@@ -97,30 +87,6 @@ def lr_lambda(cfg_train: Any) -> Any:
             return (it + 1) / max(1, warm)
         return decay_factor(min(1.0, (it - warm) / max(1, total - warm)), cfg_train.schedule)
     return factor
-
-
-def resolve_data_path(cfg: Any, *parts: str | None) -> Path | None:
-    """Join data folders; relative roots resolve against the config file's folder."""
-    if any(p is None for p in parts):
-        return None
-    root = Path(cfg.data.root)
-    if not root.is_absolute():
-        base = Path(getattr(cfg, "_source", Path(__file__).resolve().parent.parent / "hparam.py")).parent
-        root = base / root
-    return root.joinpath(*parts[1:]) if parts[0] == "root" else root.joinpath(*parts)
-
-
-def stored_config(cfg: Any) -> dict[str, Any]:
-    """``cfg.to_dict()`` with its paths absolute, as a checkpoint stores it, so that a run resumes
-    from any working folder: ``data.root`` resolved against the config file's folder
-    (``resolve_data_path``), ``model.pretrained`` and ``train.output_dir`` against the working
-    folder (the folders under ``data.root`` stay relative to it)."""
-    out = cfg.to_dict()
-    out["data"]["root"] = os.path.abspath(resolve_data_path(cfg, "root"))
-    if cfg.model.pretrained:
-        out["model"]["pretrained"] = os.path.abspath(cfg.model.pretrained)
-    out["train"]["output_dir"] = os.path.abspath(cfg.train.output_dir)
-    return out
 
 
 class CsvLog:
@@ -149,8 +115,6 @@ class DataBundle:
 
 def _paired_cases(cfg: Any) -> tuple[list, list | None]:
     """(cases of the training folders, cases of the validation folders or None when there are none)."""
-    import datasets as ds
-
     d = cfg.data
     cases = ds.find_cases(resolve_data_path(cfg, d.images_dir), resolve_data_path(cfg, d.labels_dir),
                           pattern=d.pattern)
@@ -163,8 +127,6 @@ def _paired_cases(cfg: Any) -> tuple[list, list | None]:
 def described_config(cfg: Any, progress: bool = False) -> Any:
     """A copy of ``cfg`` with the fields the data describe resolved (``seg.dataset_json``:
     class names, label values, channels, file pattern from ``dataset.json``, else from the data)."""
-    from seg.dataset_json import describe_data
-
     def all_cases(described: Any) -> list:
         train_cases, val_cases = _paired_cases(described)
         return train_cases + (val_cases or [])
@@ -175,8 +137,6 @@ def described_config(cfg: Any, progress: bool = False) -> Any:
 def find_data(cfg: Any) -> tuple[list, list]:
     """Find, pair, check and split the cases: (training cases, validation cases); ``cfg`` described
     (``described_config``)."""
-    import datasets as ds
-
     d = cfg.data
     cases, val = _paired_cases(cfg)
     split = resolve_data_path(cfg, "root", d.split_file)
@@ -236,8 +196,6 @@ def prepare_data(cfg: Any, ctx: distr.DistContext | None = None, cases: tuple[li
                  ) -> DataBundle:
     """Cases (``find_data``, unless given) and this process's share of the validation volumes,
     preloaded with the (planned) preprocessing."""
-    import datasets as ds
-
     train_cases, val_cases = cases if cases is not None else find_data(cfg)
     ctx = ctx or distr.DistContext()
     val_index = distr.shard(range(len(val_cases)), ctx.rank, ctx.world_size)
@@ -248,15 +206,12 @@ def prepare_data(cfg: Any, ctx: distr.DistContext | None = None, cases: tuple[li
 
 
 def batches(cfg: Any, cases: list, seed: int) -> Iterator[dict[str, torch.Tensor]]:
-    import datasets as ds
     return iter(ds.build_train_loader(cases, cfg.data, cfg.train.batch_size, seed))
 
 
 # ----------------------------------------------------------------------------- validation
 def validation_windows(data: DataBundle, cfg: Any) -> int:
     """Sliding windows one validation runs over this process's volumes (its cost, in windows)."""
-    from seg.inference import count_windows
-
     d = cfg.data
     return sum(count_windows(case.image.shape[1:], d.spatial_dims, d.patch_size, cfg.train.val_overlap,
                              d.slice_axis) for case in data.val_data)
@@ -308,10 +263,6 @@ def validate(model: torch.nn.Module, data: DataBundle, cfg: Any, device: torch.d
     per-case results are gathered and reduced in case order on every rank, so all ranks return what
     one process would.
     """
-    from seg.checkpoint import inference_bundle
-    from seg.metrics import MetricAccumulator, evaluate_case
-    from seg.predict import Predictor, labels_from_logits, to_input_grid
-
     ctx = ctx or distr.DistContext()
     predictor = Predictor(inference_bundle(cfg, model), overlap=cfg.train.val_overlap,
                           batch_size=max(1, cfg.train.batch_size))  # puts the model in eval mode
@@ -342,36 +293,6 @@ def validate(model: torch.nn.Module, data: DataBundle, cfg: Any, device: torch.d
     return out
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: int, best: float,
-                     plan: dict[str, Any] | None = None) -> dict[str, Any]:
-    d = cfg.data
-    return {
-        "format_version": 1,
-        "model": model.state_dict(),
-        "model_config": model_config_from(cfg),
-        **to_plain({  # plain data only: the file loads with weights_only=True (seg.checkpoint)
-            "spatial_dims": d.spatial_dims,
-            "patch_size": tuple(d.patch_size),
-            "slice_axis": d.slice_axis if d.spatial_dims == 2 else None,
-            "preprocessing": preprocessing_from(cfg).to_dict(),
-            "class_names": list(d.class_names),
-            "in_channels": d.in_channels,
-            "mirror_axes": list(d.mirror_axes),
-        "label_values": label_values_from(d.label_remap, d.num_classes),
-            "plan": plan,
-            "iteration": iteration,
-            "best": best,
-            "config": stored_config(cfg),
-        "config_source": None if getattr(cfg, "_source", None) is None else os.path.abspath(cfg._source),
-        }),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict(),
-        "rng": rng_state(),
-    }
-
-
 # ----------------------------------------------------------------------------- main loop
 @dataclasses.dataclass
 class TrainResult:
@@ -388,11 +309,8 @@ def build_training(cfg: Any, device: torch.device, model_factory: Any = None, un
     through the very same loop); it must offer ``forward_train``, ``loss`` and ``forward``.
     ``unsafe_load`` admits a ``model.pretrained`` file that needs full unpickling (trusted files).
     """
-    from seg.model import build_model
-
     model = model_factory(cfg) if model_factory else build_model(**model_config_from(cfg))
     if cfg.model.pretrained:
-        from backbones.pretrained import load_pretrained
         load_pretrained(model.backbone, cfg.model.pretrained, unsafe_load=unsafe_load)
     model.to(device)
     # fused: one kernel over all parameters (3.5x faster than the per-tensor loop on CPU; same
@@ -509,8 +427,6 @@ RUN_FILES = ("last.pt", "best.pt", "train_log.csv", "val_log.csv", "plan.json", 
 
 def claim_output_dir(out_dir: Path, overwrite: bool) -> None:
     """Refuse a folder that holds another run, or (``overwrite``) delete that run's files."""
-    import shutil
-
     other = [n for n in ("last.pt", "best.pt", "train_log.csv") if (out_dir / n).exists()]
     if not other:
         return
@@ -524,8 +440,6 @@ def claim_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool, model_factory: Any,
            stop_after: int | None, unsafe_load: bool = False, overwrite: bool = False) -> TrainResult:
-    from torch.utils.tensorboard import SummaryWriter
-
     t, device = cfg.train, ctx.device
     seed_everything(t.seed)
     out_dir = Path(t.output_dir)
@@ -614,9 +528,9 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
                             writer.add_scalar(f"val/{k}", v, it)
                         if metrics["dice/mean"] > best:
                             state["best"] = metrics["dice/mean"]
-                            atomic_torch_save(state, out_dir / "best.pt")
+                            save_checkpoint(state, out_dir / "best.pt")
                         log_metrics(it, metrics, cfg.data.class_names)
-                    atomic_torch_save(state, out_dir / "last.pt")
+                    save_checkpoint(state, out_dir / "last.pt")
             if validated:
                 best = max(best, metrics["dice/mean"])
         if out_of_time:
@@ -629,26 +543,6 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
     if writer is not None:
         writer.close()
     return TrainResult(out_dir, it, best, metrics)
-
-
-def restore(path: str, model, optimizer, scheduler, scaler, unsafe_load: bool = False,
-            ckpt: dict | None = None) -> tuple[int, float]:
-    """Load model, optimiser, scheduler, scaler and RNG states; return (iteration, best).
-    ``ckpt``: the checkpoint of ``path`` if already read; ``unsafe_load``: see
-    ``seg.checkpoint.load_checkpoint``."""
-    ckpt = ckpt if ckpt is not None else load_checkpoint(path, unsafe_load=unsafe_load)
-    for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
-                      ("scaler", scaler)):
-        if name not in ckpt:
-            raise UserError(f"cannot resume: checkpoint has no {name} state", path)
-        try:
-            obj.load_state_dict(ckpt[name])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"cannot resume: {name} state does not fit this configuration ({exc})",
-                            path) from exc
-    if "rng" in ckpt:
-        set_rng_state(ckpt["rng"])
-    return int(ckpt["iteration"]), float(ckpt.get("best", -1.0))
 
 
 def log_metrics(it: int, metrics: dict[str, float], class_names: list[str]) -> None:

@@ -287,7 +287,7 @@ def test_resume_from_another_working_folder(tmp_path) -> None:
 def test_checkpoint_paths_are_absolute(tmp_path, monkeypatch) -> None:
     from hparam import Config
     from seg.config import apply_overrides
-    from seg.train import stored_config
+    from seg.config import stored_config
 
     monkeypatch.chdir(tmp_path)
     cfg = apply_overrides(Config(), ["data.root='ds'", "model.pretrained='weights/w.pt'", "train.output_dir='runs/x'"])

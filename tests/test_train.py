@@ -247,8 +247,7 @@ def test_rng_state_round_trips_and_older_checkpoints_load_safely(tmp_path: Path)
     still load with weights_only=True through the allow-list and restore the same streams."""
     import random
 
-    from seg.checkpoint import load_checkpoint
-    from seg.train import rng_state, set_rng_state
+    from seg.checkpoint import load_checkpoint, rng_state, set_rng_state
 
     np.random.seed(5)
     random.seed(5)
