@@ -23,12 +23,8 @@ import sys
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
-from seg.checkpoint import resume_config  # noqa: E402
 from seg.cli import add_common_flags, run_cli  # noqa: E402
-from seg.config import apply_overrides, load_config  # noqa: E402
-from seg.distributed import RankFailure  # noqa: E402
 from seg.errors import ConfigError  # noqa: E402
-from seg.train import planned_config, train  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,21 +57,25 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, rank: int = 0, prefix: str = "") -> int:
     """Plan or train as ``args`` say; user errors propagate (``seg.cli.run_cli`` reports them)."""
+    # reason: --help stays instant (these modules load torch and every backbone, seconds)
+    from seg import checkpoint, config, distributed, train as training
+
     if args.resume:
         if args.config or args.plan_only or args.overwrite:
             raise ConfigError("--resume continues a run with the configuration stored in its checkpoint: "
                               "it takes no --config, --plan-only or --overwrite")
-        cfg = resume_config(load_config(None), args.resume, args.set, args.unsafe_load)
+        cfg = checkpoint.resume_config(config.load_config(None), args.resume, args.set, args.unsafe_load)
     else:
-        cfg = apply_overrides(load_config(args.config), args.set)
+        cfg = config.apply_overrides(config.load_config(args.config), args.set)
     if args.plan_only:
-        planned_config(cfg, cfg.train.output_dir, progress=not args.no_progress, overwrite=args.overwrite)
+        training.planned_config(cfg, cfg.train.output_dir, progress=not args.no_progress,
+                                overwrite=args.overwrite)
         print(f"plan written to {cfg.train.output_dir}/plan.json")
         return 0
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress, unsafe_load=args.unsafe_load,
-                       overwrite=args.overwrite)
-    except RankFailure as exc:  # another process failed (its own traceback is in its output)
+        result = training.train(cfg, resume=args.resume, progress=not args.no_progress,
+                                unsafe_load=args.unsafe_load, overwrite=args.overwrite)
+    except distributed.RankFailure as exc:  # another process failed (its own traceback is in its output)
         print(f"{prefix}error: {exc}", file=sys.stderr)
         return 1
     if rank != 0:
