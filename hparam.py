@@ -3,7 +3,7 @@
 Switch 2D / 3D with ``data.spatial_dims``; sizes that depend on it (patch size, points per patch)
 follow automatically.  Any field can be overridden from the command line, e.g.::
 
-    python train_seg.py --set data.spatial_dims=2 model.backbone=repvgg_a0 "model.backbone_kwargs={}" train.iterations=500
+    python train_seg.py --set data.spatial_dims=2 model.backbone=repvgg_a0 train.iterations=500
 
 or a whole other file passed with ``--config my_hparam.py`` (it must define ``get_config()``).
 """
@@ -79,7 +79,7 @@ class PointRendConfig:
 @dataclass
 class ModelConfig:
     backbone: str = "convnext_atto"              # any name of backbones.list_backbones()
-    backbone_kwargs: dict[str, Any] = field(default_factory=lambda: {"kernel_size": 3})  # ConvNeXt options; 3^d depthwise kernels: a third of the 7^d backbone's time, same Dice (docs/figures.md); other backbones: {}
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)  # your options, merged over the variant's registered defaults (ConvNeXt: {"kernel_size": 3}, 3^d depthwise kernels, a third of the 7^d backbone's time, same Dice: docs/figures.md; {"kernel_size": 7} for timm's weights)
     pretrained: str | None = None                # local path to 2D ImageNet weights (inflated in 3D)
     head: str = "unet"                           # coarse head: 'unet' (U-Net decoder, input stages, deep supervision; options: heads/unet.py), 'deeplab' (ASPP, stride 8) or 'mask' (7^d MLP); = seg.model.DEFAULT_HEAD (tested)
     head_kwargs: dict[str, Any] = field(default_factory=dict)      # e.g. {"output_stride": 1} (unet), {"output_stride": 8} (deeplab)

@@ -64,17 +64,18 @@ def run(args: argparse.Namespace, rank: int = 0, prefix: str = "") -> int:
         if args.config or args.plan_only or args.overwrite:
             raise ConfigError("--resume continues a run with the configuration stored in its checkpoint: "
                               "it takes no --config, --plan-only or --overwrite")
-        cfg = checkpoint.resume_config(config.load_config(None), args.resume, args.set, args.unsafe_load)
+        cfg, provenance = checkpoint.resume_config(config.load_config(None), args.resume, args.set,
+                                                   args.unsafe_load)
     else:
-        cfg = config.apply_overrides(config.load_config(args.config), args.set)
+        cfg, provenance = config.load_request(args.config, args.set)
     if args.plan_only:
         training.planned_config(cfg, cfg.train.output_dir, progress=not args.no_progress,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, provenance=provenance)
         print(f"plan written to {cfg.train.output_dir}/plan.json")
         return 0
     try:
         result = training.train(cfg, resume=args.resume, progress=not args.no_progress,
-                                unsafe_load=args.unsafe_load, overwrite=args.overwrite)
+                                unsafe_load=args.unsafe_load, overwrite=args.overwrite, provenance=provenance)
     except distributed.RankFailure as exc:  # another process failed (its own traceback is in its output)
         print(f"{prefix}error: {exc}", file=sys.stderr)
         return 1

@@ -6,8 +6,8 @@ re-exports; importing the architecture modules registers their variants.
 """
 from . import cmt, conv2former, convnext, repvgg, swinv2  # noqa: F401 - registers the variants
 from .base import Backbone, FeatureInfo
-from .registry import BACKBONES, build_backbone, list_backbones
+from .registry import BACKBONES, backbone_options, build_backbone, list_backbones
 from .repvgg import reparameterize_model
 
-__all__ = ["BACKBONES", "Backbone", "FeatureInfo", "build_backbone", "list_backbones",
+__all__ = ["BACKBONES", "Backbone", "FeatureInfo", "backbone_options", "build_backbone", "list_backbones",
            "reparameterize_model"]

@@ -222,6 +222,12 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: ConvNeXt
 
 # --- variants ---------------------------------------------------------------------------------
 
+#: what a run builds every variant with unless model.backbone_kwargs says otherwise: 3^d depthwise
+#: kernels, a third of the 7^d backbone's time at the same Dice (docs/figures.md); timm's 2D weights
+#: need the published 7: model.backbone_kwargs={"kernel_size": 7}. ``build_backbone`` by name alone
+#: (and ``ConvNeXt``) keeps the published 7, as timm does.
+RUN_DEFAULTS = {"kernel_size": 3}
+
 
 def _create(spatial_dims: int, in_chans: int, depths: tuple[int, ...], dims: tuple[int, ...],
             kwargs: dict[str, Any]) -> ConvNeXt:
@@ -229,36 +235,36 @@ def _create(spatial_dims: int, in_chans: int, depths: tuple[int, ...], dims: tup
     return build_checked(ConvNeXt, "ConvNeXt", fixed, kwargs)
 
 
-@BACKBONES.register()
+@BACKBONES.register(defaults=RUN_DEFAULTS)
 def convnext_atto(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
     return _create(spatial_dims, in_chans, (2, 2, 6, 2), (40, 80, 160, 320), kwargs)
 
 
-@BACKBONES.register()
+@BACKBONES.register(defaults=RUN_DEFAULTS)
 def convnext_femto(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
     return _create(spatial_dims, in_chans, (2, 2, 6, 2), (48, 96, 192, 384), kwargs)
 
 
-@BACKBONES.register()
+@BACKBONES.register(defaults=RUN_DEFAULTS)
 def convnext_pico(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
     return _create(spatial_dims, in_chans, (2, 2, 6, 2), (64, 128, 256, 512), kwargs)
 
 
-@BACKBONES.register()
+@BACKBONES.register(defaults=RUN_DEFAULTS)
 def convnext_nano(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
     return _create(spatial_dims, in_chans, (2, 2, 8, 2), (80, 160, 320, 640), kwargs)
 
 
-@BACKBONES.register()
+@BACKBONES.register(defaults=RUN_DEFAULTS)
 def convnext_tiny(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
     return _create(spatial_dims, in_chans, (3, 3, 9, 3), (96, 192, 384, 768), kwargs)
 
 
-@BACKBONES.register()
+@BACKBONES.register(defaults=RUN_DEFAULTS)
 def convnext_small(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
     return _create(spatial_dims, in_chans, (3, 3, 27, 3), (96, 192, 384, 768), kwargs)
 
 
-@BACKBONES.register()
+@BACKBONES.register(defaults=RUN_DEFAULTS)
 def convnext_base(spatial_dims: int, in_chans: int = 1, **kwargs: Any) -> ConvNeXt:
     return _create(spatial_dims, in_chans, (3, 3, 27, 3), (128, 256, 512, 1024), kwargs)

@@ -20,6 +20,12 @@ def list_backbones() -> list[str]:
     return BACKBONES.names()
 
 
+def backbone_options(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options a run builds backbone ``name`` with: the variant's registered defaults with the
+    user's ``overrides`` (``model.backbone_kwargs``) merged over them; what checkpoints store."""
+    return BACKBONES.options(name, overrides)
+
+
 def build_backbone(name: str, spatial_dims: int, in_chans: int = 1, pretrained: str | None = None,
                    **kwargs: Any) -> Backbone:
     """Build a registered backbone.
@@ -29,7 +35,8 @@ def build_backbone(name: str, spatial_dims: int, in_chans: int = 1, pretrained: 
         spatial_dims: 2 or 3.
         in_chans: number of input channels.
         pretrained: optional path to a local checkpoint in an official or timm key layout.
-        **kwargs: architecture options (drop_path_rate, out_indices, grad_checkpointing, ...).
+        **kwargs: architecture options (drop_path_rate, out_indices, grad_checkpointing, ...), as
+            given: the variant's registered run defaults are not applied here (``backbone_options``).
     """
     model = BACKBONES.get(name)(spatial_dims=spatial_dims, in_chans=in_chans, **kwargs)
     if pretrained:

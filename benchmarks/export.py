@@ -48,6 +48,7 @@ PATCHES = {3: (40, 56, 40), 2: (40, 56)}
 
 def default_checkpoint(dims: int, path: Path) -> Path:
     """The default model for the demo's plan, untrained, in the checkpoint layout of seg.train."""
+    from backbones import backbone_options
     from hparam import PointRendConfig, get_config
     from seg.model import build_model
     from seg.plan import plan_subdivision_points, plan_train_points
@@ -59,7 +60,7 @@ def default_checkpoint(dims: int, path: Path) -> Path:
         PointRendConfig(), train_num_points=train_points,
         subdivision_num_points=plan_subdivision_points(patch, train_points)))
     config = dict(spatial_dims=dims, in_channels=1, num_classes=3, backbone=cfg.model.backbone,
-                  backbone_kwargs=dict(cfg.model.backbone_kwargs), head=cfg.model.head,
+                  backbone_kwargs=backbone_options(cfg.model.backbone, cfg.model.backbone_kwargs), head=cfg.model.head,
                   head_kwargs=dict(cfg.model.head_kwargs), pointrend=pointrend)
     torch.manual_seed(0)
     model = build_model(**config)

@@ -29,7 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from seg.config import RESUME_FIELDS, apply_overrides, config_from_dict, stored_config
+from backbones import backbone_options
+from seg.config import RESUME_FIELDS, Provenance, apply_overrides, config_from_dict, override_keys, stored_config
 from seg.dataset_json import label_values_from
 from seg.errors import ConfigError, UserError
 from seg.files import torch_load, torch_save_atomic
@@ -88,7 +89,7 @@ def model_config_from(cfg: Any) -> dict[str, Any]:
         "in_channels": d.in_channels,
         "num_classes": d.num_classes,
         "backbone": m.backbone,
-        "backbone_kwargs": dict(m.backbone_kwargs),
+        "backbone_kwargs": backbone_options(m.backbone, m.backbone_kwargs),  # merged: registry defaults may change
         "head": m.head,
         "head_kwargs": dict(m.head_kwargs),
         "pointrend": pointrend,
@@ -189,8 +190,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: int, best: float,
-                     plan: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint of a training run at ``iteration`` (module docstring), the RNG states included."""
+                     plan: dict[str, Any] | None = None, config_source: str | None = None) -> dict[str, Any]:
+    """The checkpoint of a training run at ``iteration`` (module docstring), the RNG states included;
+    ``config_source``: the run's config file (``seg.config.Provenance.source``)."""
     d = cfg.data
     return {
         "format_version": FORMAT_VERSION,
@@ -209,7 +211,7 @@ def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: i
             "iteration": iteration,
             "best": best,
             "config": stored_config(cfg),
-            "config_source": None if getattr(cfg, "_source", None) is None else os.path.abspath(cfg._source),
+            "config_source": None if config_source is None else os.path.abspath(config_source),
         }),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -243,9 +245,11 @@ def restore(path: str, model, optimizer, scheduler, scaler, unsafe_load: bool = 
     return int(ckpt["iteration"]), float(ckpt.get("best", -1.0))
 
 
-def resume_config(template: Any, checkpoint: str, overrides: Sequence[str], unsafe_load: bool = False) -> Any:
+def resume_config(template: Any, checkpoint: str, overrides: Sequence[str], unsafe_load: bool = False
+                  ) -> tuple[Any, Provenance]:
     """The configuration a run resumed from ``checkpoint`` continues with: the run's own (stored in
-    the checkpoint), with ``overrides`` limited to ``RESUME_FIELDS``.
+    the checkpoint), with ``overrides`` limited to ``RESUME_FIELDS``; and its provenance (the run's
+    config file, the fields ``overrides`` set).
 
     Raises:
         ConfigError: an override of another field, or a ``train.iterations`` the run has reached.
@@ -262,11 +266,8 @@ def resume_config(template: Any, checkpoint: str, overrides: Sequence[str], unsa
                               f"only {' and '.join(RESUME_FIELDS)} may change")
     apply_overrides(cfg, overrides)
     cfg.train.output_dir = str(Path(checkpoint).parent)  # the run continues in its own folder
-    if ckpt.get("config_source"):
-        cfg._source = ckpt["config_source"]  # relative data paths resolve as they did for the run
     done = int(ckpt["iteration"])
     if cfg.train.iterations is not None and cfg.train.iterations <= done:
         raise ConfigError(f"the run is at iteration {done}: to continue it, set train.iterations above "
                           f"that (--set train.iterations=N)", checkpoint)
-    cfg._resumed_from = str(checkpoint)
-    return cfg
+    return cfg, Provenance(ckpt.get("config_source") or None, override_keys(overrides))

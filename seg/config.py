@@ -3,6 +3,7 @@ stores them (``stored_config``; ``config_from_dict`` reads them back)."""
 from __future__ import annotations
 
 import ast
+import copy
 import dataclasses
 import importlib.util
 import os
@@ -18,9 +19,56 @@ from seg.preprocess import NORMALIZATIONS
 from seg.registry import unknown_name_message
 
 
+#: the repository's ``hparam.py``: the config file when none is named
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "hparam.py"
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """Where a request came from, as data beside the config (nothing is set on the config object).
+
+    Attributes:
+        source: the config file (absolute path): relative ``data.root`` resolves against its
+            folder, and checkpoints record it (``config_source``); None: the repository's hparam.py.
+        user_set: dotted names of the fields the user set: in the config file (a value other than
+            its dataclass's default) or with ``--set``.
+    """
+
+    source: str | None = None
+    user_set: frozenset[str] = frozenset()
+
+
+def load_request(path: str | None = None, overrides: Sequence[str] = ()) -> tuple[Any, Provenance]:
+    """The user's request: the config of ``path`` (``load_config``) with ``overrides``
+    (``apply_overrides``), and its ``Provenance``."""
+    path = Path(path) if path else DEFAULT_CONFIG
+    cfg = load_config(str(path))
+    in_file = changed_fields(cfg, type(cfg)())
+    cfg = apply_overrides(cfg, overrides)
+    return cfg, Provenance(str(path.absolute()), frozenset(in_file) | override_keys(overrides))
+
+
+def changed_fields(cfg: Any, default: Any, prefix: str = "") -> set[str]:
+    """Dotted names of the fields of dataclass ``cfg`` whose value differs from ``default``'s."""
+    out: set[str] = set()
+    for f in dataclasses.fields(cfg):
+        value, base = getattr(cfg, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(value) and dataclasses.is_dataclass(base):
+            out |= changed_fields(value, base, f"{prefix}{f.name}.")
+        elif value != base:
+            out.add(prefix + f.name)
+    return out
+
+
+def override_keys(overrides: Sequence[str]) -> frozenset[str]:
+    """The dotted field names ``--set key=value`` items set."""
+    return frozenset(item.split("=", 1)[0].strip() for item in overrides)
+
+
 def load_config(path: str | None = None) -> Any:
-    """Return ``get_config()`` of ``path`` (default: the repository's ``hparam.py``)."""
-    path = Path(path) if path else Path(__file__).resolve().parent.parent / "hparam.py"
+    """Return ``get_config()`` of ``path`` (default: the repository's ``hparam.py``); its
+    provenance: ``load_request``."""
+    path = Path(path) if path else DEFAULT_CONFIG
     if not path.is_file():
         raise ConfigError("config file not found", path)
     spec = importlib.util.spec_from_file_location(f"_hparam_{abs(hash(str(path)))}", path)
@@ -36,7 +84,6 @@ def load_config(path: str | None = None) -> Any:
         cfg = module.get_config()
     except Exception as exc:  # a user's function: report it like the file above
         raise ConfigError(f"get_config() failed: {type(exc).__name__}: {exc}", path) from exc
-    cfg._source = str(path.absolute())  # relative data paths resolve against the config file's folder
     return cfg
 
 
@@ -185,11 +232,6 @@ def validate_config(cfg: Any) -> None:
     if m.backbone not in backbones.BACKBONES:
         raise ConfigError(unknown_name_message("backbone (model.backbone)", m.backbone,
                                                backbones.list_backbones()))
-    default_kwargs = type(m)().backbone_kwargs
-    if m.backbone_kwargs == default_kwargs and default_kwargs and not m.backbone.startswith("convnext"):
-        raise ConfigError(f"model.backbone_kwargs {m.backbone_kwargs} is hparam.py's default for the "
-                          f"ConvNeXt backbones, not meant for {m.backbone}: also set "
-                          "model.backbone_kwargs={} (or its own options)")
     if m.head not in heads.HEADS:
         raise ConfigError(unknown_name_message("head (model.head)", m.head, heads.HEADS.names()))
     if m.pretrained and not Path(m.pretrained).is_file():
@@ -226,14 +268,24 @@ def config_from_dict(template: Any, values: dict[str, Any], where: str = "checkp
     return template
 
 
+def anchored(cfg: Any, provenance: Provenance | None) -> Any:
+    """``cfg``, or a copy with a relative ``data.root`` made absolute against the folder of the
+    config file it came from (``provenance.source``); the caller's object is not changed."""
+    if provenance is None or provenance.source is None or Path(cfg.data.root).is_absolute():
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.data.root = str(Path(provenance.source).parent / cfg.data.root)
+    return out
+
+
 def resolve_data_path(cfg: Any, *parts: str | None) -> Path | None:
-    """Join data folders; relative roots resolve against the config file's folder."""
+    """Join data folders; a relative root resolves against the repository's folder (that of its
+    ``hparam.py``; ``anchored`` resolves it against another config file's folder first)."""
     if any(p is None for p in parts):
         return None
     root = Path(cfg.data.root)
     if not root.is_absolute():
-        base = Path(getattr(cfg, "_source", Path(__file__).resolve().parent.parent / "hparam.py")).parent
-        root = base / root
+        root = DEFAULT_CONFIG.parent / root
     return root.joinpath(*parts[1:]) if parts[0] == "root" else root.joinpath(*parts)
 
 
@@ -241,10 +293,12 @@ def stored_config(cfg: Any) -> dict[str, Any]:
     """``cfg.to_dict()`` with its paths absolute, as a checkpoint stores it, so that a run resumes
     from any working folder: ``data.root`` resolved against the config file's folder
     (``resolve_data_path``), ``model.pretrained`` and ``train.output_dir`` against the working
-    folder (the folders under ``data.root`` stay relative to it)."""
+    folder (the folders under ``data.root`` stay relative to it); ``model.backbone_kwargs`` merged
+    over the variant's registered defaults, so a resumed run never depends on them changing."""
     out = cfg.to_dict()
     out["data"]["root"] = os.path.abspath(resolve_data_path(cfg, "root"))
     if cfg.model.pretrained:
         out["model"]["pretrained"] = os.path.abspath(cfg.model.pretrained)
     out["train"]["output_dir"] = os.path.abspath(cfg.train.output_dir)
+    out["model"]["backbone_kwargs"] = backbones.backbone_options(cfg.model.backbone, cfg.model.backbone_kwargs)
     return out

@@ -32,7 +32,7 @@ import copy
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -292,8 +292,11 @@ def channel_normalization(channel_names: Sequence[str] | None) -> list[str] | No
 
 
 def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.Case]],
-                  progress: bool = False) -> Any:
-    """A copy of ``cfg`` with the data description resolved (module docstring).
+                  progress: bool = False, user_set: Collection[str] = frozenset()
+                  ) -> tuple[Any, list[tuple[str, Any, str, str]]]:
+    """A copy of ``cfg`` with the data description resolved (module docstring), and the
+    (field, value, source, why) of each described field: the first rows of the plan table and
+    plan.json.
 
     Args:
         cfg: ``hparam.Config``.
@@ -302,6 +305,8 @@ def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.
             config as described so far (its file pattern), only when the classes or the channel
             count must be read from the data.
         progress: show a bar while reading label values.
+        user_set: the fields the user set (``seg.config.Provenance.user_set``): a described field
+            among them is shown as the user's, the others as defaults.
 
     Raises:
         ConfigError: a contradiction with ``dataset.json`` (``apply_dataset_json``), a
@@ -334,14 +339,7 @@ def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.
     channels_found = _is_auto(d.in_channels)
     if channels_found:
         d.in_channels = io.channel_count(cases[0])
-    out._description = _description(d, before, dj, found_classes, channels_found)
-    return out
-
-
-def described_fields(cfg: Any) -> list[tuple[str, Any, str, str]]:
-    """(field, value, source, why) of each field ``describe_data`` resolved for ``cfg`` (the first
-    rows of the plan table and plan.json); [] for a config it did not describe."""
-    return list(getattr(cfg, "_description", ()))
+    return out, _description(d, before, dj, found_classes, channels_found, user_set)
 
 
 def _check_written_values(d: Any) -> None:
@@ -357,24 +355,28 @@ def _check_written_values(d: Any) -> None:
 DESCRIBED_FIELDS = ("class_names", "label_remap", "in_channels", "channel_names", "pattern")
 
 
+#: the value of each described field that leaves it to dataset.json or the data (``apply_dataset_json``)
+OPEN_VALUES = {"class_names": AUTO, "label_remap": None, "in_channels": AUTO, "channel_names": None, "pattern": "*"}
+
+
 def _description(d: Any, before: dict[str, Any], dj: DatasetJson | None, found_classes: str | None,
-                 channels_found: bool) -> list[tuple[str, Any, str, str]]:
+                 channels_found: bool, user_set: Collection[str]) -> list[tuple[str, Any, str, str]]:
     """(field, value, source, why) of each described field, for the plan table and plan.json."""
-    rows, defaults = [], type(d)()
+    rows = []
     for f in DESCRIBED_FIELDS:
         value, was = getattr(d, f), before[f]
         if f in ("class_names", "label_remap") and found_classes:
             source, why = "data", found_classes
         elif f == "in_channels" and channels_found:
             source, why = "data", "channels of the first case"
-        elif dj is not None and was == getattr(defaults, f):
+        elif dj is not None and was == OPEN_VALUES[f]:
             source, why = "dataset.json", {"class_names": "labels, in value order",
                                            "label_remap": "label values to class indices (gaps closed)",
                                            "in_channels": "channel_names", "channel_names": "channel_names",
                                            "pattern": "file_ending"}[f]
         elif dj is not None:
             source, why = "user", "set in the config (agrees with dataset.json)"
-        elif was == getattr(defaults, f):
+        elif f"data.{f}" not in user_set:
             source, why = "default", "hparam.py's default"
         else:
             source, why = "user", "set in the config"

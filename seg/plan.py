@@ -28,10 +28,10 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from backbones import build_backbone
+from backbones import backbone_options, build_backbone
 from datasets import arrays
 from heads import as_feature_info
-from seg.dataset_json import channel_normalization, described_fields
+from seg.dataset_json import channel_normalization
 from seg.files import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -478,7 +478,7 @@ class Decision:
 def level_strides(cfg: Any) -> list[tuple[int, ...]]:
     """Per-axis strides of the feature levels of the configured backbone (built, not trained)."""
     d, m = cfg.data, cfg.model
-    net = build_backbone(m.backbone, d.spatial_dims, d.in_channels, **dict(m.backbone_kwargs))
+    net = build_backbone(m.backbone, d.spatial_dims, d.in_channels, **backbone_options(m.backbone, m.backbone_kwargs))
     return [f.stride for f in as_feature_info(net.feature_info, d.spatial_dims)]
 
 
@@ -516,20 +516,22 @@ def _fmt(values: Sequence[float], digits: int = 3) -> str:
     return "x".join(f"{v:.{digits}g}" for v in values)
 
 
-def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]]) -> list[Decision]:
+def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]],
+              described: Sequence[tuple[str, Any, str, str]] = ()) -> list[Decision]:
     """Resolve every 'auto' field of ``cfg`` from the fingerprint ``fp``.
 
     Args:
         fp: ``compute_fingerprint`` result.
         cfg: ``hparam.Config`` (not changed).
         strides: ``level_strides(cfg)``: the model's per-axis strides per feature level.
+        described: the rows ``seg.dataset_json.describe_data`` returned for ``cfg``, shown first.
 
     Returns:
         One ``Decision`` per planned field, in the order they depend on each other.
     """
     d, pr = cfg.data, cfg.model.pointrend
     # what the data describe (seg.dataset_json.describe_data): shown and recorded with the plan
-    out: list[Decision] = [Decision(*x) for x in described_fields(cfg)]
+    out: list[Decision] = [Decision(*x) for x in described]
     vol_dims = fp["spatial_dims"]
     budget = d.patch_voxel_budget or PATCH_BUDGET[d.spatial_dims]
     spacing = plan_target_spacing(fp["spacings"], fp["sizes"])

@@ -1,6 +1,7 @@
 """Name -> builder registries with "did you mean" errors (backbones, heads, losses)."""
 from __future__ import annotations
 
+import copy
 import difflib
 import inspect
 from typing import Any, Callable, Iterator
@@ -20,16 +21,30 @@ class Registry:
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._builders: dict[str, Callable[..., Any]] = {}
+        self._defaults: dict[str, dict[str, Any]] = {}
 
-    def register(self, name: str | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-        """Decorator registering ``fn`` under ``name`` (default: the function's name)."""
+    def register(self, name: str | None = None, defaults: dict[str, Any] | None = None
+                 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """Decorator registering ``fn`` under ``name`` (default: the function's name), with the
+        variant's ``defaults``: the options a run uses unless the user sets them (``defaults``)."""
         def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
             key = name or fn.__name__
             if key in self._builders:
                 raise KeyError(f"{self.kind} {key!r} is registered twice")
             self._builders[key] = fn
+            self._defaults[key] = copy.deepcopy(dict(defaults or {}))
             return fn
         return deco
+
+    def defaults(self, name: str) -> dict[str, Any]:
+        """A copy of the options registered with ``name`` (unknown names: ConfigError)."""
+        self.get(name)
+        return copy.deepcopy(self._defaults[name])
+
+    def options(self, name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The options a run builds ``name`` with: its registered defaults, ``overrides`` (the
+        user's) merged over them key by key."""
+        return {**self.defaults(name), **copy.deepcopy(dict(overrides or {}))}
 
     def get(self, name: str) -> Callable[..., Any]:
         """The builder registered as ``name``; unknown names raise a ConfigError with suggestions."""

@@ -37,7 +37,7 @@ from seg import distributed as distr
 from seg import plan as planning
 from seg.checkpoint import (checkpoint_state, inference_bundle, load_checkpoint, model_config_from, restore,
                             save_checkpoint)
-from seg.config import resolve_data_path
+from seg.config import Provenance, anchored, resolve_data_path
 from seg.dataset_json import describe_data
 from seg.errors import ConfigError
 from seg.inference import count_windows
@@ -127,11 +127,20 @@ def _paired_cases(cfg: Any) -> tuple[list, list | None]:
 def described_config(cfg: Any, progress: bool = False) -> Any:
     """A copy of ``cfg`` with the fields the data describe resolved (``seg.dataset_json``:
     class names, label values, channels, file pattern from ``dataset.json``, else from the data)."""
+    return describe(cfg, None, progress)[0]
+
+
+def describe(cfg: Any, provenance: Provenance | None = None, progress: bool = False
+             ) -> tuple[Any, list[tuple[str, Any, str, str]]]:
+    """``described_config`` of ``cfg`` (its ``data.root`` anchored to ``provenance.source``), and the
+    rows that say where each described field came from (the first rows of the plan)."""
     def all_cases(described: Any) -> list:
         train_cases, val_cases = _paired_cases(described)
         return train_cases + (val_cases or [])
 
-    return describe_data(cfg, resolve_data_path(cfg, "root"), all_cases, progress=progress)
+    cfg = anchored(cfg, provenance)
+    user_set = provenance.user_set if provenance is not None else frozenset()
+    return describe_data(cfg, resolve_data_path(cfg, "root"), all_cases, progress, user_set)
 
 
 def find_data(cfg: Any) -> tuple[list, list]:
@@ -152,9 +161,10 @@ def find_data(cfg: Any) -> tuple[list, list]:
 
 
 def plan_run(cfg: Any, train_cases: list, out_dir: Path | None, ctx: distr.DistContext | None = None,
-             progress: bool = True) -> tuple[Any, list, dict]:
+             progress: bool = True, described: list | tuple = ()) -> tuple[Any, list, dict]:
     """Fingerprint the training cases (cached in ``out_dir/fingerprint.json``), resolve every 'auto'
-    field (``seg.plan``), show the plan and write ``out_dir/plan.json`` (rank 0).
+    field (``seg.plan``), show the plan (after the ``described`` rows of ``describe``) and write
+    ``out_dir/plan.json`` (rank 0).
 
     Returns:
         (the planned config, the decisions, the fingerprint).
@@ -164,7 +174,7 @@ def plan_run(cfg: Any, train_cases: list, out_dir: Path | None, ctx: distr.DistC
     strides = planning.level_strides(cfg)  # a bad backbone option stops here, before any file is written
     fp = planning.compute_fingerprint(train_cases, cfg.data, out_dir / "fingerprint.json" if main else None,
                                       progress=progress and ctx.is_main)
-    decisions = planning.make_plan(fp, cfg, strides)
+    decisions = planning.make_plan(fp, cfg, strides, described)
     planned = planning.apply_plan(cfg, decisions)
     if planned.data.intensity_stats is None:
         planned.data.intensity_stats = planning.intensity_statistics(fp)
@@ -177,19 +187,21 @@ def plan_run(cfg: Any, train_cases: list, out_dir: Path | None, ctx: distr.DistC
 
 
 def planned_config(cfg: Any, out_dir: str | Path | None = None, progress: bool = False,
-                   overwrite: bool = False) -> tuple[Any, tuple[list, list]]:
+                   overwrite: bool = False, provenance: Provenance | None = None
+                   ) -> tuple[Any, tuple[list, list]]:
     """``cfg`` with its plan resolved, and its (training, validation) cases: what ``train`` does
     before the first step (benchmarks and tests use it to get the same settings;
     ``train_seg.py --plan-only``).  ``out_dir`` (for ``plan.json`` and ``fingerprint.json``) follows
     training's folder rule (``claim_output_dir``): a folder holding another run is refused, or with
-    ``overwrite`` that run's files are deleted first."""
-    cfg = described_config(with_iterations(cfg.validate()), progress)
+    ``overwrite`` that run's files are deleted first.  ``provenance``: where ``cfg`` came from
+    (``seg.config.load_request``)."""
+    cfg, described = describe(with_iterations(cfg.validate()), provenance, progress)
     cases = find_data(cfg)
     out = None if out_dir is None else Path(out_dir)
     if out is not None:
         claim_output_dir(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
-    return plan_run(cfg, cases[0], out, progress=progress)[0], cases
+    return plan_run(cfg, cases[0], out, progress=progress, described=described)[0], cases
 
 
 def prepare_data(cfg: Any, ctx: distr.DistContext | None = None, cases: tuple[list, list] | None = None
@@ -395,7 +407,8 @@ def with_iterations(cfg: Any) -> Any:
 
 
 def train(cfg: Any, resume: str | None = None, progress: bool = True, model_factory: Any = None,
-          stop_after: int | None = None, unsafe_load: bool = False, overwrite: bool = False) -> TrainResult:
+          stop_after: int | None = None, unsafe_load: bool = False, overwrite: bool = False,
+          provenance: Provenance | None = None) -> TrainResult:
     """Train ``cfg`` (an hparam ``Config``), on one process or, under torchrun, on all of them.
 
     Args:
@@ -408,14 +421,18 @@ def train(cfg: Any, resume: str | None = None, progress: bool = True, model_fact
             plan and TensorBoard files are deleted first); without it that is a ConfigError.
         unsafe_load: admit ``resume`` and ``model.pretrained`` files that need full unpickling
             (it runs code stored in the file: trusted files only).
+        provenance: where ``cfg`` came from (``seg.config.load_request``; ``resume_config``): its
+            config file and the fields the user set. None: a config made in code.
     """
-    cfg = described_config(with_iterations(cfg.validate()), progress)
+    provenance = provenance or Provenance()
+    cfg, described = describe(with_iterations(cfg.validate()), provenance, progress)
     t = cfg.train
     if t.num_threads > 0:
         torch.set_num_threads(t.num_threads)
     ctx = distr.setup(resolve_device(t.device), t.dist_timeout_minutes)
     try:
-        return _train(cfg, ctx, resume, progress, model_factory, stop_after, unsafe_load, overwrite)
+        return _train(cfg, ctx, resume, progress, model_factory, stop_after, unsafe_load, overwrite,
+                      (described, provenance.source))
     finally:
         ctx.close()
 
@@ -439,7 +456,10 @@ def claim_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool, model_factory: Any,
-           stop_after: int | None, unsafe_load: bool = False, overwrite: bool = False) -> TrainResult:
+           stop_after: int | None, unsafe_load: bool = False, overwrite: bool = False,
+           origin: tuple[list, str | None] = ((), None)) -> TrainResult:
+    """The run of ``train``; ``origin``: the rows ``describe`` returned and the config file."""
+    described, config_source = origin
     t, device = cfg.train, ctx.device
     seed_everything(t.seed)
     out_dir = Path(t.output_dir)
@@ -454,7 +474,7 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
         if stored is not None and not planning.unresolved(cfg):  # the run's own plan, as it was
             plan = stored
         else:
-            cfg, decisions, fingerprint = plan_run(cfg, cases[0], out_dir, ctx, progress)
+            cfg, decisions, fingerprint = plan_run(cfg, cases[0], out_dir, ctx, progress, described)
             plan = planning.plan_record(fingerprint, decisions)
         data = prepare_data(cfg, ctx, cases)
         train_cases = distr.train_shard(data.train_cases, ctx.rank, ctx.world_size)
@@ -521,7 +541,7 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
                 clock.add_validation(time.time() - t_val)
             with ctx.guard("writing checkpoints"):  # rank 0 writes, the others wait here
                 if ctx.is_main:
-                    state = checkpoint_state(cfg, model, optimizer, scheduler, scaler, it, best, plan)
+                    state = checkpoint_state(cfg, model, optimizer, scheduler, scaler, it, best, plan, config_source)
                     if validated:
                         val_csv.write({"iteration": it, **metrics})
                         for k, v in metrics.items():

@@ -260,3 +260,25 @@ def test_per_stage_values() -> None:
         per_stage((4, 2, 2), 4, 3, broadcast=False)
     with pytest.raises(ConfigError, match="sr_ratios must be positive"):
         per_stage([1, 0], 2, 2, "sr_ratios")
+
+
+def test_registry_defaults_apply_and_user_options_win() -> None:
+    """Per-variant run defaults live in the registry (as timm's per-variant configs): a config
+    names a backbone alone and gets them; its own options win; ``build_backbone`` keeps the
+    architecture's own defaults (timm's 7^d ConvNeXt, so its weights load)."""
+    from backbones import backbone_options
+    from hparam import Config
+    from seg.checkpoint import model_config_from
+    from seg.config import apply_overrides
+
+    assert backbone_options("convnext_atto") == {"kernel_size": 3}
+    assert backbone_options("convnext_tiny", {"kernel_size": 7, "drop_path_rate": 0.1}) == {
+        "kernel_size": 7, "drop_path_rate": 0.1}
+    assert backbone_options("repvgg_a0") == {}
+    assert build_backbone("convnext_atto", 2).stages[0].blocks[0].conv_dw.kernel_size == (7, 7)
+    sets = ["data.class_names=['bg','a']", "data.in_channels=1"]
+    for backbone, kwargs in (("convnext_atto", {"kernel_size": 3}), ("repvgg_a0", {})):
+        cfg = apply_overrides(Config(), [*sets, f"model.backbone={backbone}"]).validate()
+        assert model_config_from(cfg)["backbone_kwargs"] == kwargs  # checkpoints store the merged options
+    cfg = apply_overrides(Config(), [*sets, "model.backbone_kwargs={'kernel_size': 7}"])
+    assert model_config_from(cfg)["backbone_kwargs"] == {"kernel_size": 7}

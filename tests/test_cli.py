@@ -287,12 +287,12 @@ def test_resume_from_another_working_folder(tmp_path) -> None:
 def test_checkpoint_paths_are_absolute(tmp_path, monkeypatch) -> None:
     from hparam import Config
     from seg.config import apply_overrides
-    from seg.config import stored_config
+    from seg.config import Provenance, anchored, stored_config
 
     monkeypatch.chdir(tmp_path)
     cfg = apply_overrides(Config(), ["data.root='ds'", "model.pretrained='weights/w.pt'", "train.output_dir='runs/x'"])
-    cfg._source = str(tmp_path / "conf" / "hparam.py")  # relative data.root: against the config's folder
-    stored = stored_config(cfg)
+    source = Provenance(str(tmp_path / "conf" / "hparam.py"))  # relative data.root: against the config's folder
+    stored = stored_config(anchored(cfg, source))
     assert stored["data"]["root"] == str(tmp_path / "conf" / "ds")
     assert stored["model"]["pretrained"] == str(tmp_path / "weights" / "w.pt")
     assert stored["train"]["output_dir"] == str(tmp_path / "runs" / "x")

@@ -13,9 +13,9 @@ import torch
 
 from hparam import Config
 from seg.config import apply_overrides
-from seg.dataset_json import described_fields, read_dataset_json
+from seg.dataset_json import read_dataset_json
 from seg.errors import ConfigError, DataError
-from seg.train import described_config
+from seg.train import describe, described_config
 
 ROOT = Path(__file__).resolve().parent.parent
 GAPPED = {"background": 0, "b": 3, "a": 1}  # out of order, value 2 unused
@@ -241,11 +241,11 @@ def test_rgb_channel_out_of_range_is_refused_naming_the_file(tmp_path: Path) -> 
 # ----------------------------------------------------------------------------- describing a run
 def test_dataset_json_describes_the_run(tmp_path: Path) -> None:
     ds = nnunet_dataset(tmp_path, n_train=2, n_test=0)
-    cfg = described_config(apply_overrides(Config(), [f"data.root='{ds}'"]))
+    cfg, rows = describe(apply_overrides(Config(), [f"data.root='{ds}'"]))
     d = cfg.data
     assert d.class_names == ["background", "a", "b"] and d.label_remap == {3: 2}
     assert d.in_channels == 1 and d.channel_names == ["MRI"] and d.pattern == "*.nii.gz"
-    shown = {row[0]: row[1:3] for row in described_fields(cfg)}  # rows of the plan table and plan.json
+    shown = {row[0]: row[1:3] for row in rows}  # rows of the plan table and plan.json
     assert shown["data.class_names"] == (["background", "a", "b"], "dataset.json")
     assert shown["data.label_remap"] == ({"3": 2}, "dataset.json") and shown["data.pattern"][1] == "dataset.json"
     # the same values set explicitly agree with the file (an identity entry changes nothing)

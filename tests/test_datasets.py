@@ -493,8 +493,9 @@ def test_native_2d_png_cases(tmp_path: Path) -> None:
 def test_demo_mni152_slabs() -> None:
     from hparam import Config
     from seg.train import planned_config
-    from seg.config import load_config
-    cfg = planned_config(load_config(str(DEMO / "config.py")))[0].data  # planned from the training slabs
+    from seg.config import load_request
+    request, provenance = load_request(str(DEMO / "config.py"))
+    cfg = planned_config(request, provenance=provenance)[0].data  # planned from the training slabs
     assert cfg.normalization == "zscore_nonzero" and cfg.patch_size == (64, 64, 32)
     cases = ds.find_cases(DEMO / "imagesTr", DEMO / "labelsTr")
     assert [c.name for c in cases] == ["mni152_slab00", "mni152_slab02", "mni152_slab04"]

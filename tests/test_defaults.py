@@ -20,6 +20,20 @@ def test_build_model_defaults_are_hparams() -> None:
     assert _default(model.build_model, "backbone") == model.DEFAULT_BACKBONE == ModelConfig().backbone
 
 
+def test_backbone_defaults_live_in_the_registry() -> None:
+    """``model.backbone_kwargs`` holds the user's options only; the variant's run defaults (ConvNeXt:
+    3^d kernels) are its registry entry's, merged under them (``backbone_options``)."""
+    import hparam
+    from backbones import BACKBONES, backbone_options
+    from backbones.convnext import RUN_DEFAULTS
+
+    assert ModelConfig().backbone_kwargs == {}
+    assert BACKBONES.defaults(ModelConfig().backbone) == RUN_DEFAULTS == {"kernel_size": 3}
+    line = next(l for l in inspect.getsource(hparam.ModelConfig).splitlines() if "backbone_kwargs" in l)
+    assert f'"kernel_size": {RUN_DEFAULTS["kernel_size"]}' in line  # the comment states the registry's default
+    assert backbone_options(ModelConfig().backbone, ModelConfig().backbone_kwargs) == RUN_DEFAULTS
+
+
 def test_ct_window_has_one_default() -> None:
     from seg.preprocess import Preprocessing
 
