@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from seg import ops
 
-from .base import FeatureInfo, nearest_level
+from .base import FeatureInfo, HeadOutput, backbone_levels, nearest_level
 from .registry import HEADS
 
 
@@ -73,7 +73,7 @@ class DeepLabHead(nn.Module):
     """DeepLabV3+ coarse head.
 
     Args:
-        feature_info: backbone levels, fine to coarse.
+        feature_info: the model's levels, fine to coarse (``heads.base``); it reads the backbone's.
         num_classes: K.
         spatial_dims: 2 or 3.
         channels: ASPP / decoder width (256 as DeepLab).
@@ -93,6 +93,7 @@ class DeepLabHead(nn.Module):
                  output_stride: int = 8, low_level_channels: int = 48, norm: str = "group",
                  dropout: float = 0.1) -> None:
         super().__init__()
+        feature_info = backbone_levels(feature_info)
         deep = feature_info[-1]
         rates = default_atrous_rates(deep.stride) if atrous_rates is None else \
             [ops.to_ntuple(r, spatial_dims) for r in atrous_rates]
@@ -110,11 +111,11 @@ class DeepLabHead(nn.Module):
                 conv_norm_act(spatial_dims, channels, channels, 3, norm=norm))
         self.classifier = ops.conv(spatial_dims, width, num_classes, 1)
 
-    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Coarse logits (N, K, *S / output_stride) from the backbone's feature dict."""
+    def forward(self, features: dict[str, torch.Tensor]) -> HeadOutput:
+        """Coarse logits (N, K, *S / output_stride) from the model's feature dict."""
         x = self.aspp(features[self.deep_name])
         if self.low_name:
             low = features[self.low_name]
             x = ops.resize(x, low.shape[2:], mode="linear")
             x = self.fuse(torch.cat([x, self.low_proj(low)], dim=1))
-        return self.classifier(x)
+        return HeadOutput(self.classifier(x))

@@ -30,7 +30,7 @@ from seg.pointrend import (generate_regular_grid_point_coords, point_sample,
                            point_sample_fine_grained_features)
 from seg.registry import unknown_name_message
 
-from .base import FeatureInfo, nearest_level
+from .base import FeatureInfo, HeadOutput, backbone_levels, nearest_level
 from .registry import HEADS
 
 _REFERENCE_FC_INPUT = 256 * 7 * 7
@@ -41,10 +41,10 @@ class CoarseMaskHead(nn.Module):
     """Coarse mask head on the whole input.
 
     Args:
-        feature_info: backbone levels, fine to coarse.
+        feature_info: the model's levels, fine to coarse (``heads.base``).
         num_classes: K.
         spatial_dims: 2 or 3.
-        in_feature: level name; default the level whose stride is closest to 4.
+        in_feature: level name; default the backbone level whose stride is closest to 4.
         pooler_resolution: side of the sampled grid (14); must be even.
         conv_dim: channels of the stride-2 conv (None: 12544 // 7^d, see module docstring).
         fc_dim, num_fc: FC trunk (1024, 2).
@@ -59,7 +59,7 @@ class CoarseMaskHead(nn.Module):
         by_name = {f.name: f for f in feature_info}
         if in_feature is not None and in_feature not in by_name:
             raise ConfigError(unknown_name_message("mask head in_feature", in_feature, by_name))
-        level = nearest_level(feature_info, 4) if in_feature is None else by_name[in_feature]
+        level = nearest_level(backbone_levels(feature_info), 4) if in_feature is None else by_name[in_feature]
         self.in_feature, self.spatial_dims = level.name, spatial_dims
         self.num_classes = num_classes
         self.pooler_size = (pooler_resolution,) * spatial_dims
@@ -79,17 +79,17 @@ class CoarseMaskHead(nn.Module):
         nn.init.zeros_(self.predictor.bias)
 
     def forward(self, features: dict[str, torch.Tensor], boxes: torch.Tensor | None = None,
-                batch_index: torch.Tensor | None = None) -> torch.Tensor:
+                batch_index: torch.Tensor | None = None) -> HeadOutput:
         """Coarse logits per region.
 
         Args:
-            features: backbone output.
+            features: the model's feature dict.
             boxes: (R, 2d) normalised x-first boxes (see ``seg.pointrend``); None = one region per
                 image covering the whole input.
             batch_index: (R,) image of each box (required with ``boxes``).
 
         Returns:
-            (R, K, 7, 7[, 7]) logits in box coordinates; R = N without boxes.
+            ``HeadOutput`` with (R, K, 7, 7[, 7]) logits in box coordinates; R = N without boxes.
         """
         feat = features[self.in_feature]
         r = feat.shape[0] if boxes is None else boxes.shape[0]
@@ -103,4 +103,4 @@ class CoarseMaskHead(nn.Module):
         x = torch.relu(self.reduce(x)).flatten(1)  # (R, conv_dim * 7^d)
         for fc in self.fcs:
             x = torch.relu(fc(x))
-        return self.predictor(x).view(r, self.num_classes, *self.output_size)
+        return HeadOutput(self.predictor(x).view(r, self.num_classes, *self.output_size))

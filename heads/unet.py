@@ -6,7 +6,8 @@ structure a few voxels thick.  U-Nets win such tasks because their last decoder 
 full-resolution input.  This head keeps the backbone as the encoder and adds what a U-Net has and
 the backbone lacks:
 
-* ``input stages``: light conv stages on the *input* at the strides finer than the backbone's
+* ``input stages``: light conv stages on the *input* (the model's ``input`` level, stride 1, read
+  from the feature dict like any other level) at the strides finer than the backbone's
   finest level and not finer than the logits (stride 2, or 1 and 2, for ConvNeXt), nnU-Net's
   first encoder stages in miniature (two 3^d conv-norm-LeakyReLU each, the first strided; narrow
   by default (``input_channels``): at stride 2 this stage and its decoder stage cost most of the
@@ -20,8 +21,7 @@ the backbone lacks:
   its training loss).
 
 Deep supervision: with ``deep_supervision=k`` the head also returns logits of the ``k`` next
-coarser decoder stages during training (``forward`` -> (logits, [aux, ...]) when
-``self.training``); ``SegmentationModel.loss`` weights main and auxiliary terms 1, 1/2, 1/4, ...
+coarser decoder stages during training (``HeadOutput.aux``, empty when not ``self.training``); ``SegmentationModel.loss`` weights main and auxiliary terms 1, 1/2, 1/4, ...
 normalised to sum 1 (``seg.losses.deep_supervision_weights``), each auxiliary term against the
 labels nearest-resampled to its grid.  nnU-Net halves its weights the same way but supervises
 every decoder stage and gives the lowest-resolution output weight 0.
@@ -38,7 +38,7 @@ import torch.nn as nn
 from seg import ops
 from seg.errors import ConfigError
 
-from .base import FeatureInfo
+from .base import INPUT, FeatureInfo, HeadOutput, backbone_levels, input_level
 from .registry import HEADS
 
 
@@ -57,7 +57,9 @@ class UNetHead(nn.Module):
     """U-Net decoder over the backbone levels plus light input stages (module docstring).
 
     Args:
-        feature_info: backbone levels, fine to coarse (per-axis strides powers of two).
+        feature_info: the model's levels, fine to coarse (``heads.base``): the ``input`` level (its
+            channels feed the input stages) and the backbone's (per-axis strides powers of two);
+            the model's ``fine_stem`` level, if any, is not read.
         num_classes: K.
         spatial_dims: 2 or 3.
         output_stride: stride of the logits: 1, 2, or any finer-or-equal power of two of a level.
@@ -67,21 +69,18 @@ class UNetHead(nn.Module):
         norm: normalisation ('instance' as nnU-Net; 'group', 'batch').
         deep_supervision: coarser decoder stages that also predict during training (at most
             this many: as many as the decoder has).
-        in_channels: channels of the input image (set by the model builder).
 
     Attributes:
         output_stride: per-axis stride of the coarse logits.
-        reads_input: True: ``forward(features, images)``.
     """
-
-    reads_input = True
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, spatial_dims: int,
                  output_stride: int = 2, input_channels: Sequence[int] = (16, 16),
-                 max_channels: int = 320, norm: str = "instance", deep_supervision: int = 2,
-                 in_channels: int = 1) -> None:
+                 max_channels: int = 320, norm: str = "instance", deep_supervision: int = 2) -> None:
         super().__init__()
         d = spatial_dims
+        in_channels = input_level(feature_info, "the unet head").channels
+        feature_info = backbone_levels(feature_info)
         finest = tuple(feature_info[0].stride)
         if output_stride < 1 or output_stride & (output_stride - 1):
             raise ConfigError(f"unet head output_stride must be a power of two, got {output_stride}")
@@ -141,9 +140,9 @@ class UNetHead(nn.Module):
             self.classifiers.append(ops.conv(d, width, num_classes, 1))
         self.num_levels = len(levels)
 
-    def forward(self, features: dict[str, torch.Tensor], images: torch.Tensor):
-        """Logits (N, K, *S / output_stride); in training with deep supervision (logits, [aux])."""
-        maps, x = [], images
+    def forward(self, features: dict[str, torch.Tensor]) -> HeadOutput:
+        """Logits (N, K, *S / output_stride); the aux logits in training with deep supervision."""
+        maps, x = [], features[INPUT]
         for stage in self.input_stages:
             x = stage(x)
             maps.append(x)
@@ -158,7 +157,6 @@ class UNetHead(nn.Module):
             outs = [x]
         logits = self.classifiers[0](outs[-1])
         if not (self.training and self.deep_supervision):
-            return logits
-        aux = [clf(outs[-2 - j]) for j, clf in enumerate(self.classifiers[1:])]
-        return logits, aux
+            return HeadOutput(logits)
+        return HeadOutput(logits, [clf(outs[-2 - j]) for j, clf in enumerate(self.classifiers[1:])])
 

@@ -218,7 +218,8 @@ def _describe(model: nn.Module, bundle: InferenceBundle) -> tuple[str, dict | No
 def _coarse_size(model: nn.Module, bundle: InferenceBundle) -> tuple[int, ...]:
     """Spatial size of the coarse head's logits on one patch (read with a forward hook)."""
     seen: list[tuple[int, ...]] = []
-    hook = model.head.register_forward_hook(lambda mod, args, out: seen.append(tuple(out.shape[2:])))
+    hook = model.head.register_forward_hook(
+        lambda mod, args, out: seen.append(tuple(out.logits.shape[2:])))  # a heads.HeadOutput
     try:
         with torch.no_grad():
             model(_example(bundle, 1, seed=0))

@@ -4,6 +4,12 @@
 checkpoint, rebuilds the model.  Training and inference are explicit, typed paths:
 ``forward_train(images, labels) -> TrainOutput`` and ``forward_infer(images, mode) -> Tensor``;
 ``forward(x)`` is ``forward_infer(x)`` so sliding-window inference can call ``model(x)``.
+
+One head contract (``heads.base``): the model publishes the input as feature levels beside the
+backbone's, in one feature dict described by ``SegmentationModel.feature_info`` (``input``: the
+image itself at stride 1; ``fine_stem``: the ``FineStem`` output at stride 2, when the point head
+uses one; then the backbone's levels).  The coarse head and the point head read only that dict, and
+every coarse head returns a ``heads.HeadOutput`` (logits plus a list of auxiliary logits).
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ import torch
 import torch.nn as nn
 
 from backbones import build_backbone
-from heads import HEADS, StandardPointHead, as_feature_info, build_head, nearest_level
+from heads import (FINE_STEM, INPUT, INPUT_LEVELS, FeatureInfo, StandardPointHead, as_feature_info,
+                   backbone_levels, build_head, nearest_level)
 from seg import ops
 from seg import pointrend as pr
 from seg.errors import ConfigError
@@ -85,7 +92,8 @@ def resolve_pointrend_options(pointrend: Any) -> dict | None:
 
 
 class FineStem(nn.Module):
-    """A light stride-2 feature branch on the input for the point head (our extension).
+    """A light stride-2 feature branch on the input for the point head (our extension); the model
+    publishes its output as the ``fine_stem`` level of its feature dict.
 
     The backbone's finest level is stride 4; a structure two voxels thick falls between its cells.
     Two 3^d convolutions (the first with stride 2), each with GroupNorm and ReLU, give the point
@@ -116,18 +124,24 @@ class SegmentationModel(nn.Module):
 
     Args:
         backbone: module with ``feature_info`` whose forward returns an ordered feature dict.
-        head: coarse head (features dict -> (N, K, *S_c) logits covering the input).
+        head: coarse head (the model's feature dict -> ``HeadOutput`` with (N, K, *S_c) logits
+            covering the input).
         spatial_dims: 2 or 3.
         num_classes: K.
         point_head: StandardPointHead or None.
         pointrend: resolved PointRend options (``resolve_pointrend_options``) or None.
         ignore_index: ignored label value.
-        fine_stem: optional ``FineStem`` on the input, one more fine level for the point head.
+        fine_stem: optional ``FineStem`` on the input, published as the ``fine_stem`` level (the
+            point head reads it after its ``in_features``).
+        feature_info: the levels of ``features(images)``, fine to coarse: ``input`` (stride 1),
+            ``fine_stem`` (stride 2, with a fine stem), then the backbone's
+            (``model_feature_info``).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, spatial_dims: int, num_classes: int,
                  point_head: nn.Module | None = None, pointrend: dict | None = None,
-                 ignore_index: int = pr.IGNORE_INDEX, fine_stem: nn.Module | None = None) -> None:
+                 ignore_index: int = pr.IGNORE_INDEX, fine_stem: nn.Module | None = None, *,
+                 feature_info: Sequence[FeatureInfo]) -> None:
         super().__init__()
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.backbone, self.head, self.point_head = backbone, head, point_head
@@ -135,27 +149,30 @@ class SegmentationModel(nn.Module):
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.pointrend = pointrend
         self.last_point_evaluations = 0  # per sample, set by forward_infer
+        self.feature_info = list(feature_info)
 
-    def _features_and_coarse(self, images: torch.Tensor):
+    def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The feature dict every head reads: (N, C_in, *S) -> {name: (N, C, *S / stride)} in
+        ``feature_info``'s order (the input, the fine stem's output, the backbone's levels)."""
         if images.ndim != self.spatial_dims + 2:
             raise ValueError(f"expected (N, C, {self.spatial_dims} spatial axes), got "
                              f"{tuple(images.shape)}")
-        features = self.backbone(images)
-        if getattr(self.head, "reads_input", False):
-            return features, self.head(features, images)
-        return features, self.head(features)
-
-    def _point_fn(self, features: dict, coarse: torch.Tensor, images: torch.Tensor | None):
-        fine = [features[name] for name in self.pointrend["in_features"]]
-        offsets = pr.image_offsets(self.pointrend["image_features"], self.spatial_dims)
-        if (offsets or self.fine_stem is not None) and images is None:
-            raise ValueError("this model's point head reads the input image (image_features="
-                             f"{self.pointrend['image_features']!r}, fine_stem_channels="
-                             f"{self.pointrend['fine_stem_channels']}): pass images")
+        backbone = self.backbone(images)
+        levels = {INPUT: images}
         if self.fine_stem is not None:
-            fine.append(self.fine_stem(images))
-        return lambda coords: pr.point_head_logits(self.point_head, fine, coarse, coords, images,
-                                                   offsets)
+            levels[FINE_STEM] = self.fine_stem(images)
+        return {**levels, **backbone}
+
+    def _point_fn(self, features: dict[str, torch.Tensor], coarse: torch.Tensor) -> pr.PointFn:
+        """The point head at given coordinates: its ``in_features``, the fine stem's level, and the
+        input level at the ``image_features`` offsets, all read from ``features``."""
+        names = list(self.pointrend["in_features"])
+        if self.fine_stem is not None:
+            names.append(FINE_STEM)
+        fine = [features[name] for name in names]
+        offsets = pr.image_offsets(self.pointrend["image_features"], self.spatial_dims)
+        around = [(features[INPUT], offsets)] if offsets else []
+        return lambda coords: pr.point_head_logits(self.point_head, fine, coarse, coords, around)
 
     def forward_train(self, images: torch.Tensor, labels: torch.Tensor) -> TrainOutput:
         """Training forward.
@@ -164,18 +181,18 @@ class SegmentationModel(nn.Module):
             images: (N, C_in, *S).
             labels: (N, *S) int64 (255 = ignore), used for the point targets.
         """
-        features, coarse = self._features_and_coarse(images)
-        aux: list[torch.Tensor] = []
-        if isinstance(coarse, tuple):  # deep supervision (training mode)
-            coarse, aux = coarse
+        features = self.features(images)
+        head = self.head(features)
+        coarse = head.logits
         if self.point_head is None:
-            return TrainOutput(coarse, aux_logits=aux)
+            return TrainOutput(coarse, aux_logits=head.aux)
         opt = self.pointrend
         coords = pr.get_uncertain_point_coords_with_randomness(
             coarse, pr.calculate_uncertainty, opt["train_num_points"], opt["oversample_ratio"],
             opt["importance_sample_ratio"])
-        point_logits = self._point_fn(features, coarse, images)(coords)
-        return TrainOutput(coarse, point_logits, coords, pr.sample_point_labels(labels, coords), aux)
+        point_logits = self._point_fn(features, coarse)(coords)
+        return TrainOutput(coarse, point_logits, coords, pr.sample_point_labels(labels, coords),
+                           head.aux)
 
     @torch.no_grad()
     def forward_infer(self, images: torch.Tensor, mode: str = "subdivision") -> torch.Tensor:
@@ -186,23 +203,20 @@ class SegmentationModel(nn.Module):
             mode: 'subdivision' (PointRend; coarse upsampled when PointRend is off), 'coarse'
                 (coarse logits upsampled) or 'dense' (point head at every output cell).
         """
-        features, coarse = self._features_and_coarse(images)
-        if isinstance(coarse, tuple):  # a deep-supervised head called in training mode
-            coarse = coarse[0]
-        return self.infer_from_features(features, coarse, tuple(images.shape[2:]), mode, images)
+        features = self.features(images)
+        coarse = self.head(features).logits
+        return self.infer_from_features(features, coarse, tuple(images.shape[2:]), mode)
 
     @torch.no_grad()
     def infer_from_features(self, features: dict[str, torch.Tensor], coarse: torch.Tensor,
-                            size: Sequence[int], mode: str = "subdivision",
-                            images: torch.Tensor | None = None) -> torch.Tensor:
-        """The part of ``forward_infer`` after backbone and coarse head (benchmarks time it).
+                            size: Sequence[int], mode: str = "subdivision") -> torch.Tensor:
+        """The part of ``forward_infer`` after the features and the coarse head (benchmarks time it).
 
         Args:
-            features: backbone output.
-            coarse: (N, K, *S_c) coarse logits of ``self.head``.
+            features: ``self.features(images)``, the input's levels included.
+            coarse: (N, K, *S_c) coarse logits of ``self.head`` (``HeadOutput.logits``).
             size: output spatial size (the input's).
             mode: as ``forward_infer``.
-            images: the input, needed when the point head reads it (``image_features``).
 
         Returns:
             (N, K, *size) logits; ``self.last_point_evaluations`` holds the point-head
@@ -217,7 +231,7 @@ class SegmentationModel(nn.Module):
             return resize(coarse, size, mode="linear")
         if self.point_head is None:
             raise ValueError("mode 'dense' needs a model built with PointRend")
-        point_fn = self._point_fn(features, coarse, images)
+        point_fn = self._point_fn(features, coarse)
         if mode == "dense":
             self.last_point_evaluations = math.prod(size)
             return pr.dense_point_inference(point_fn, coarse.shape[0], size, coarse.device,
@@ -250,40 +264,55 @@ class SegmentationModel(nn.Module):
         return {"coarse_ce": ce, "coarse_dice": dice, "point": point, "total": ce + dice + point}
 
 
+def model_feature_info(backbone_info: Sequence[Any], spatial_dims: int, in_channels: int,
+                       fine_stem_channels: int = 0) -> list[FeatureInfo]:
+    """The levels of ``SegmentationModel.features``: the input at stride 1, the fine stem's output
+    at stride 2 (when ``fine_stem_channels``), then the backbone's declared levels.
+
+    Raises:
+        ConfigError: a backbone level takes a name the input's levels use.
+    """
+    info = as_feature_info(backbone_info, spatial_dims)
+    taken = [f.name for f in info if f.name in INPUT_LEVELS]
+    if taken:
+        raise ConfigError(f"backbone level {taken[0]!r}: the model publishes the input's levels "
+                          f"under {INPUT_LEVELS}; rename the backbone's level")
+    levels = [FeatureInfo(INPUT, in_channels, (1,) * spatial_dims)]
+    if fine_stem_channels:
+        levels.append(FeatureInfo(FINE_STEM, fine_stem_channels, (2,) * spatial_dims))
+    return levels + info
+
+
 def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
                    head: str = DEFAULT_HEAD, head_kwargs: dict | None = None,
                    pointrend: Any = None, in_channels: int = 1) -> SegmentationModel:
     """Build heads for an existing backbone module (anything with ``feature_info``); ``in_channels``
-    is the input's channel count (the point head reads it with ``image_features``)."""
-    info = as_feature_info(backbone.feature_info, spatial_dims)
-    head_kwargs = dict(head_kwargs or {})
-    if head in HEADS and getattr(HEADS.get(head), "reads_input", False):
-        if "in_channels" in head_kwargs:
-            raise ConfigError("head option in_channels is set from data.in_channels; remove it")
-        head_kwargs["in_channels"] = in_channels
-    coarse_head = build_head(head, info, num_classes, spatial_dims, **head_kwargs)
+    is the input's channel count (the ``input`` level every head may read)."""
     options = resolve_pointrend_options(pointrend)
+    stem_channels = options["fine_stem_channels"] if options is not None else 0
+    if stem_channels < 0:
+        raise ConfigError(f"pointrend fine_stem_channels must be >= 0, got {stem_channels}")
+    info = model_feature_info(backbone.feature_info, spatial_dims, in_channels, stem_channels)
+    coarse_head = build_head(head, info, num_classes, spatial_dims, **(head_kwargs or {}))
     point_head = fine_stem = None
     if options is not None:
-        names = options["in_features"] or [nearest_level(info, 4).name]
-        by_name = {f.name: f for f in info}
+        levels = backbone_levels(info)
+        names = options["in_features"] or [nearest_level(levels, 4).name]
+        by_name = {f.name: f for f in levels}
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise ConfigError(unknown_name_message("pointrend in_feature", unknown[0], by_name))
         options["in_features"] = list(names)
         image_channels = in_channels * len(pr.image_offsets(options["image_features"], spatial_dims))
-        if options["fine_stem_channels"] < 0:
-            raise ConfigError(f"pointrend fine_stem_channels must be >= 0, got "
-                              f"{options['fine_stem_channels']}")
-        if options["fine_stem_channels"]:
-            fine_stem = FineStem(spatial_dims, in_channels, options["fine_stem_channels"])
-            image_channels += options["fine_stem_channels"]
+        if stem_channels:
+            fine_stem = FineStem(spatial_dims, in_channels, stem_channels)
+            image_channels += stem_channels
         point_head = StandardPointHead(sum(by_name[n].channels for n in names) + image_channels,
                                        num_classes,
                                        options["num_fc"], options["fc_dim"],
                                        options["coarse_pred_each_layer"])
     return SegmentationModel(backbone, coarse_head, spatial_dims, num_classes, point_head, options,
-                             fine_stem=fine_stem)
+                             fine_stem=fine_stem, feature_info=info)
 
 
 def build_model(spatial_dims: int, in_channels: int, num_classes: int,

@@ -192,28 +192,26 @@ def sample_point_labels(labels: torch.Tensor, coords: torch.Tensor) -> torch.Ten
 
 def point_head_logits(point_head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                       fine_features: Sequence[torch.Tensor], coarse_logits: torch.Tensor,
-                      coords: torch.Tensor, images: torch.Tensor | None = None,
-                      image_offsets: Sequence[Sequence[int]] = ()) -> torch.Tensor:
+                      coords: torch.Tensor,
+                      neighbourhoods: Sequence[tuple[torch.Tensor, Sequence[Sequence[int]]]] = ()
+                      ) -> torch.Tensor:
     """Evaluate a point head at ``coords``: fine features of every level concatenated on dim=1
     (not detectron2's latent dim=0) plus the *original* coarse logits sampled at the same points.
 
     Args:
         point_head: (fine (N, C_f, P), coarse (N, K, P)) -> (N, K, P).
-        fine_features: list of (N, C_i, *S_i) maps.
+        fine_features: list of (N, C_i, *S_i) maps, each sampled at the points.
         coarse_logits: (N, K, *S_c) original coarse prediction.
         coords: (N, P, d).
-        images: (N, C_in, *S) input, sampled at ``image_offsets`` from each point and appended to
-            the fine features (``image_point_features``); unused when ``image_offsets`` is empty.
-        image_offsets: voxel offsets (``image_offsets``).
+        neighbourhoods: (map, voxel offsets) pairs, each map sampled at the offsets from every point
+            (``image_point_features``) and appended after ``fine_features``, in order; the model
+            passes its input level here (``image_offsets``).
 
     Returns:
         (N, K, P) point logits.
     """
     fine = [point_sample(f, coords) for f in fine_features]
-    if image_offsets:
-        if images is None:
-            raise ValueError("image_offsets given without images")
-        fine.append(image_point_features(images, coords, image_offsets))
+    fine += [image_point_features(level, coords, offsets) for level, offsets in neighbourhoods]
     fine = torch.cat(fine, dim=1)
     return point_head(fine, point_sample(coarse_logits, coords))
 

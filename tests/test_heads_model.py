@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from heads import FeatureInfo, StandardPointHead, build_head, list_heads
+from heads import INPUT, FeatureInfo, HeadOutput, StandardPointHead, build_head, list_heads
 from heads.deeplab import default_atrous_rates
 from seg import ops
 from seg import pointrend as pr
@@ -87,43 +87,51 @@ def test_head_from_feature_info(d, head):
              for f in info}
     out = net(feats)
     expected = feats["l1"].shape[2:] if head == "deeplab" else (7,) * d  # stride 8 / 7^d
-    assert out.shape == (2, 5, *expected)
+    assert isinstance(out, HeadOutput) and out.aux == []
+    assert out.logits.shape == (2, 5, *expected)
+    # the input's levels in the declaration change nothing a head chooses by stride
+    with_input = [FeatureInfo(INPUT, 3, (1,) * d), FeatureInfo("fine_stem", 2, (2,) * d), *info]
+    assert build_head(head, with_input, 5, d, **kwargs).state_dict().keys() == net.state_dict().keys()
     assert set(list_heads()) >= {"deeplab", "mask", "unet"}
 
 
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("output_stride", [1, 2, 4, 8])
 def test_unet_head_output_stride(d, output_stride):
-    info = [FeatureInfo(f"l{i}", 4 + i, (2 ** (i + 2),) * d) for i in range(4)]  # strides 4..32
+    info = [FeatureInfo(INPUT, 3, (1,) * d)]  # the input, read like any level
+    info += [FeatureInfo(f"l{i}", 4 + i, (2 ** (i + 2),) * d) for i in range(4)]  # strides 4..32
     size = SIZES[d]
     feats = {f.name: torch.randn(2, f.channels, *(math.ceil(s / f.stride[0]) for s in size))
              for f in info}
-    images = torch.randn(2, 3, *size)
-    net = build_head("unet", info, 5, d, output_stride=output_stride, input_channels=(4, 6),
-                     in_channels=3)
+    net = build_head("unet", info, 5, d, output_stride=output_stride, input_channels=(4, 6))
     assert net.output_stride == (output_stride,) * d
     # input stages only where they are needed: strides 1 and 2 below the finest level (4), and
     # none finer than the logits
     assert len(net.input_stages) == {1: 2, 2: 1, 4: 0, 8: 0}[output_stride]
-    out = net.eval()(feats, images)
-    assert out.shape == (2, 5, *(math.ceil(s / output_stride) for s in size))
+    out = net.eval()(feats)
+    assert out.logits.shape == (2, 5, *(math.ceil(s / output_stride) for s in size))
+    assert out.aux == []
     with pytest.raises(ConfigError, match="power of two"):
         build_head("unet", info, 5, d, output_stride=3)
     with pytest.raises(ConfigError, match="none of this model's strides"):
         build_head("unet", info, 5, d, output_stride=64)
     with pytest.raises(ConfigError, match="input_channels"):
         build_head("unet", info, 5, d, output_stride=1, input_channels=(4,))
+    with pytest.raises(ConfigError, match="reads the input level 'input'"):
+        build_head("unet", info[1:], 5, d)
 
 
 def test_unet_head_anisotropic_input_stages():
     # finest level (2, 4, 4): the input stages are strides (1, 1, 1) and (2, 2, 2); the next step
     # stops doubling depth at the backbone's depth stride
-    info = [FeatureInfo("a", 6, (2, 4, 4)), FeatureInfo("b", 8, (2, 8, 8))]
+    info = [FeatureInfo(INPUT, 1, (1, 1, 1)), FeatureInfo("a", 6, (2, 4, 4)),
+            FeatureInfo("b", 8, (2, 8, 8))]
     net = build_head("unet", info, 2, 3, output_stride=1, input_channels=(4, 6)).eval()
     assert [tuple(b[0].stride) for b in net.input_stages] == [(1, 1, 1), (2, 2, 2)]
     size = (9, 30, 34)
-    feats = {"a": torch.randn(1, 6, 5, 8, 9), "b": torch.randn(1, 8, 5, 4, 5)}
-    assert net(feats, torch.randn(1, 1, *size)).shape == (1, 2, *size)
+    feats = {INPUT: torch.randn(1, 1, *size), "a": torch.randn(1, 6, 5, 8, 9),
+             "b": torch.randn(1, 8, 5, 4, 5)}
+    assert net(feats).logits.shape == (1, 2, *size)
 
 
 def test_deep_supervision_loss_is_nnunets_weighted_sum():
@@ -134,7 +142,7 @@ def test_deep_supervision_loss_is_nnunets_weighted_sum():
     size = SIZES[3]
     images, labels = torch.randn(2, 2, *size), _labels((2, *size), 3)
     out = model.forward_train(images, labels)
-    assert [a.shape[2:] for a in out.aux_logits] == [model.backbone(images)["s0"].shape[2:]]
+    assert [a.shape[2:] for a in out.aux_logits] == [model.features(images)["s0"].shape[2:]]
     losses = model.loss(out, labels)
     main = model.loss(TrainOutput(out.coarse_logits), labels)
     # the aux target: the label of the voxel nearest each aux cell centre (closed form per axis)
@@ -146,9 +154,10 @@ def test_deep_supervision_loss_is_nnunets_weighted_sum():
     torch.testing.assert_close(losses["coarse_ce"], 2 / 3 * main["coarse_ce"] + 1 / 3 * aux_ce)
     torch.testing.assert_close(losses["coarse_dice"],
                                2 / 3 * main["coarse_dice"] + 1 / 3 * aux_dice)
-    # inference: one output, no aux
+    # inference: the same result type, no aux
     model.eval()
-    assert isinstance(model.head(model.backbone(images), images), torch.Tensor)
+    out = model.head(model.features(images))
+    assert isinstance(out, HeadOutput) and out.aux == []
 
 
 def test_head_options_and_errors():
@@ -225,8 +234,9 @@ def test_infer_modes(d, head):
     for out in outs.values():
         assert out.shape == (2, 3, *SIZES[d]) and torch.isfinite(out).all()
     torch.testing.assert_close(model(images), outs["subdivision"])
-    features = model.backbone(images)
-    coarse = model.head(features, images) if head == "unet" else model.head(features)
+    features = model.features(images)
+    assert list(features) == [f.name for f in model.feature_info]
+    coarse = model.head(features).logits
     torch.testing.assert_close(outs["coarse"], ops.resize(coarse, SIZES[d]))
     # P9 at model level: a budget covering every cell makes subdivision equal to dense
     model.pointrend["subdivision_num_points"] = math.prod(SIZES[d])
@@ -305,14 +315,15 @@ def test_mask_head_boxes(d):
     info = [FeatureInfo("a", 4, (4,) * d)]
     head = build_head("mask", info, 3, d, fc_dim=16).double()
     feats = {"a": torch.randn(2, 4, *SIZES[d], dtype=torch.float64)}
-    whole = head(feats)
+    whole = head(feats).logits
     assert whole.shape == (2, 3, *(7,) * d)
     boxes, batch = pr.whole_input_boxes(2, d, dtype=torch.float64)
-    torch.testing.assert_close(head(feats, boxes[[1, 0, 1]], batch[[1, 0, 1]]), whole[[1, 0, 1]])
+    torch.testing.assert_close(head(feats, boxes[[1, 0, 1]], batch[[1, 0, 1]]).logits,
+                               whole[[1, 0, 1]])
     labels = torch.zeros(2, *SIZES[d], dtype=torch.long)
     labels[(1,) + (slice(2, 9),) * d] = 2
     boxes, batch, classes = pr.boxes_from_labels(labels, 3, jitter=0.1)
-    out = head(feats, boxes.double(), batch)
+    out = head(feats, boxes.double(), batch).logits
     assert out.shape == (1, 3, *(7,) * d) and classes.tolist() == [2]
     out.sum().backward()
     assert all(p.grad is not None for p in head.parameters())
@@ -334,17 +345,15 @@ def test_point_head_reads_the_image(d):
     losses["total"].backward()
     assert all(p.grad is not None for p in model.parameters())
     model.eval()
-    features = model.backbone(images)
-    coarse = model.head(features)
+    features = model.features(images)
+    assert features[INPUT] is images  # the input is a feature level (stride 1)
+    coarse = model.head(features).logits
     coords = torch.rand(2, 50, d)
-    fn = model._point_fn(features, coarse, images)
-    moved = model._point_fn(features, coarse, images + 1.0)  # same features, other intensities
+    fn = model._point_fn(features, coarse)
+    moved = model._point_fn({**features, INPUT: images + 1.0}, coarse)  # other intensities only
     assert not torch.allclose(fn(coords), moved(coords))
-    with pytest.raises(ValueError, match="image"):
-        model.infer_from_features(features, coarse, SIZES[d])
     out = model.forward_infer(images, "dense")
-    torch.testing.assert_close(out, model.infer_from_features(features, coarse, SIZES[d], "dense",
-                                                              images))
+    torch.testing.assert_close(out, model.infer_from_features(features, coarse, SIZES[d], "dense"))
     with pytest.raises(ConfigError, match="image_features"):
         assemble_model(TinyBackbone(d, 2), d, 3, pointrend=point_options(image_features="patch"))
 
@@ -361,6 +370,9 @@ def test_fine_stem_is_one_more_fine_level(d):
     assert model.point_head.fcs[0].in_channels == _model(d).point_head.fcs[0].in_channels + 4
     images, labels = torch.randn(2, 2, *SIZES[d]), _labels((2, *SIZES[d]), 3)
     assert model.fine_stem(images).shape == (2, 4, *[(s + 1) // 2 for s in SIZES[d]])
+    assert [(f.name, f.stride) for f in model.feature_info[:2]] == [("input", (1,) * d),
+                                                                    ("fine_stem", (2,) * d)]
+    torch.testing.assert_close(model.features(images)["fine_stem"], model.fine_stem(images))
     model.loss(model.forward_train(images, labels), labels)["total"].backward()
     for name, p in model.fine_stem.named_parameters():  # trained through the point loss
         assert p.grad is not None and p.grad.abs().sum() > 0, name
