@@ -69,8 +69,8 @@ def run(args: argparse.Namespace, rank: int = 0, prefix: str = "") -> int:
     else:
         cfg, provenance = config.load_request(args.config, args.set)
     if args.plan_only:
-        training.planned_config(cfg, cfg.train.output_dir, progress=not args.no_progress,
-                                overwrite=args.overwrite, provenance=provenance)
+        training.planned_run(cfg, cfg.train.output_dir, progress=not args.no_progress,
+                             overwrite=args.overwrite, provenance=provenance)
         print(f"plan written to {cfg.train.output_dir}/plan.json")
         return 0
     try:

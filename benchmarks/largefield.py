@@ -86,16 +86,13 @@ def _bundle(checkpoint: str, monai_unet: bool = False):
         return load_for_inference(checkpoint)
     from benchmarks.quality import MonaiUNet
     from seg.checkpoint import InferenceBundle
-    from seg.preprocess import Preprocessing
+    from seg.spec import InferenceSpec
 
     ckpt = load_checkpoint(checkpoint)
-    model = MonaiUNet(int(ckpt["spatial_dims"]), int(ckpt["in_channels"]), len(ckpt["class_names"]))
+    spec = InferenceSpec.from_dict(ckpt)
+    model = MonaiUNet(spec.spatial_dims, spec.in_channels, len(spec.class_names))
     model.load_state_dict(ckpt["model"])
-    return InferenceBundle(model=model.eval(), spatial_dims=int(ckpt["spatial_dims"]),
-                           patch_size=tuple(ckpt["patch_size"]), slice_axis=ckpt.get("slice_axis"),
-                           preprocessing=Preprocessing.from_dict(ckpt["preprocessing"]),
-                           class_names=list(ckpt["class_names"]), in_channels=int(ckpt["in_channels"]),
-                           mirror_axes=tuple(ckpt["mirror_axes"]))
+    return InferenceBundle(model.eval(), spec)
 
 
 def evaluate(checkpoint: str, root: Path, cases: list[str], tta: bool, hit_mm3: float,

@@ -23,14 +23,15 @@ from seg.checkpoint import load_for_inference  # noqa: E402
 from seg.config import apply_overrides, load_config  # noqa: E402
 from seg.inference import sliding_window_inference  # noqa: E402
 from seg.metrics import evaluate_case  # noqa: E402
-from seg.train import planned_config, prepare_data  # noqa: E402
+from seg.train import planned_run, prepare_data  # noqa: E402
 
 
 def main() -> None:
     run, sets = Path(sys.argv[1]), sys.argv[2:]
     torch.set_num_threads(int(os.environ.get("NT", "2")))
     print("command: python " + " ".join(sys.argv))
-    cfg, cases = planned_config(apply_overrides(load_config(), sets))
+    spec, cases = planned_run(apply_overrides(load_config(), sets))
+    cfg = spec.config
     val = prepare_data(cfg, cases=cases).val_data
     bundle = load_for_inference(run / "last.pt")
     model, labels = bundle.model, list(range(1, len(bundle.class_names)))

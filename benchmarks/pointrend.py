@@ -43,7 +43,7 @@ from seg.checkpoint import load_checkpoint, load_for_inference  # noqa: E402
 from seg.config import apply_overrides, load_config  # noqa: E402
 from seg.inference import predict_volume_2d, sliding_window_inference  # noqa: E402
 from seg.metrics import evaluate_case  # noqa: E402
-from seg.train import planned_config, prepare_data, train  # noqa: E402
+from seg.train import planned_run, prepare_data, train  # noqa: E402
 
 METRICS = ("dice", "boundary_iou", "hd95")
 
@@ -135,8 +135,8 @@ def run_way(predictor: ModePredictor, bundle: Any, cases: list, cfg: Any, device
 
 def run_dims(dims: int, args: argparse.Namespace, device: torch.device) -> None:
     with_pr, without_pr = trained(dims, True, args), trained(dims, False, args)
-    cfg, found = planned_config(config_for(dims, True, args.iterations, Path(args.out) / "eval", args.set))
-    cases = prepare_data(cfg, cases=found).val_data  # the plan is the training runs' (same data)
+    spec, found = planned_run(config_for(dims, True, args.iterations, Path(args.out) / "eval", args.set))
+    cases = prepare_data(spec.config, cases=found).val_data  # the plan is the training runs' (same data)
     a = load_for_inference(with_pr, device)
     b = load_for_inference(without_pr, device)
     if a.model.point_head is None or b.model.point_head is not None:

@@ -31,19 +31,20 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from seg import distributed as distr  # noqa: E402
 from seg.config import apply_overrides, load_config  # noqa: E402
-from seg.train import (TrainForward, batches, build_training, planned_config, prepare_data,  # noqa: E402
+from seg.train import (TrainForward, batches, build_training, planned_run, prepare_data,  # noqa: E402
                        resolve_device, seed_everything, train_step)
 
 
 def measure(dims: int, steps: int, warmup: int, overrides: list[str],
             ctx: distr.DistContext | None = None) -> dict[str, float]:
     """Throughput of ``steps`` steps after ``warmup``; with ``ctx``, of this DDP process's share."""
-    cfg, cases = planned_config(apply_overrides(load_config(), [f"data.spatial_dims={dims}", *overrides]))
+    spec, cases = planned_run(apply_overrides(load_config(), [f"data.spatial_dims={dims}", *overrides]))
+    cfg = spec.config
     ctx = ctx or distr.DistContext(device=resolve_device(cfg.train.device))
     device = ctx.device
     seed_everything(0)
     data = prepare_data(cfg, ctx, cases)
-    model, opt, sched, scaler = build_training(cfg, device)
+    model, opt, sched, scaler = build_training(spec, device)
     step_model = distr.wrap_model(TrainForward(model), ctx) if ctx.distributed else model
     seed = distr.rank_seed(0, ctx.rank)
     stream = batches(cfg, distr.train_shard(data.train_cases, ctx.rank, ctx.world_size), seed)

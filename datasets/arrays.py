@@ -3,19 +3,18 @@
 Arrays are channels-first in torchio voxel order: images (C, X, Y, Z) or (C, X, Y), labels (X, Y, Z) or
 (X, Y); spacings are per axis in the same order.  Inference (``seg.predict.Predictor``) normalises the
 raw image, then resamples it linearly to the target spacing; ``load_case_arrays`` does the same, with
-the settings ``seg.checkpoint.preprocessing_from`` stores in the checkpoint.
+the settings a run stores in its checkpoint (``seg.spec.preprocessing_from``).
 """
 from __future__ import annotations
 
 import dataclasses
-import types
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from seg import io
-from seg.checkpoint import preprocessing_from
+from seg.spec import preprocessing_from
 from seg.errors import DataError
 from seg.io import Case
 from seg.preprocess import Preprocessing, normalize, resample, target_grid
@@ -63,11 +62,6 @@ def as_class_indices(label: np.ndarray, label_remap: Mapping[int, int] | None) -
     return remap_labels(label, label_remap).astype(np.int64)
 
 
-def preprocessing_for(data_cfg: Any) -> Preprocessing:
-    """The ``Preprocessing`` a checkpoint of this data config stores (so inference matches training)."""
-    return preprocessing_from(types.SimpleNamespace(data=data_cfg))
-
-
 def check_channels(channels: int, dims: int, data_cfg: Any, path: Path) -> None:
     """An image of ``channels`` channels and ``dims`` spatial axes fits ``data.in_channels`` and
     ``data.spatial_dims`` (2D training also takes 3D volumes, sliced)."""
@@ -97,7 +91,7 @@ def load_case_arrays(case: Case, data_cfg: Any) -> CaseArrays:
     raw_label, label_meta = read_label_raw(case.label)
     io.check_geometry(label_meta, meta)
     label = as_class_indices(raw_label, data_cfg.label_remap)
-    pp = preprocessing_for(data_cfg)
+    pp = preprocessing_from(data_cfg)
     x = normalize(image, pp)
     shape, spacing = tuple(label.shape), tuple(float(s) for s in meta.spacing)
     grid = target_grid(shape, spacing, pp.target_spacing, data_cfg.slice_axis)

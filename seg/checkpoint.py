@@ -29,38 +29,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from backbones import backbone_options
 from seg.config import RESUME_FIELDS, Provenance, apply_overrides, config_from_dict, override_keys, stored_config
-from seg.dataset_json import label_values_from
 from seg.errors import ConfigError, UserError
-from seg.files import torch_load, torch_save_atomic
+from seg.files import to_plain, torch_load, torch_save_atomic
 from seg.model import build_model
-from seg.preprocess import Preprocessing
+from seg.spec import InferenceSpec, RunSpec
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 REQUIRED = ("model", "model_config", "spatial_dims", "patch_size", "preprocessing", "class_names")
-
-
-def to_plain(obj: Any) -> Any:
-    """``obj`` as plain Python data (dict, list, tuple, str, int, float, bool, None; tensors kept):
-    NumPy scalars and arrays, paths, enums and named tuples become their plain equivalents."""
-    if isinstance(obj, dict):
-        return {to_plain(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [to_plain(v) for v in obj]
-        return tuple(items) if type(obj) is tuple else items
-    if isinstance(obj, (np.ndarray, np.generic)):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    for kind in (bool, int, float, str):  # subclasses (IntEnum, StrEnum) pickle by class name
-        if isinstance(obj, kind):
-            return kind(obj)
-    if obj is None or isinstance(obj, torch.Tensor):
-        return obj
-    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (plain data only): {obj!r}")
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu",
@@ -77,39 +55,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def model_config_from(cfg: Any) -> dict[str, Any]:
-    """Map the hparam ``Config`` to the JSON-friendly kwargs of ``seg.model.build_model``."""
-    d, m = cfg.data, cfg.model
-    if isinstance(d.in_channels, str):
-        raise ValueError("data.in_channels is 'auto': describe the data first (seg.train.described_config)")
-    dims = d.spatial_dims
-    pointrend = dataclasses.asdict(m.pointrend) if m.pointrend.enabled else None
-    return to_plain({
-        "spatial_dims": dims,
-        "in_channels": d.in_channels,
-        "num_classes": d.num_classes,
-        "backbone": m.backbone,
-        "backbone_kwargs": backbone_options(m.backbone, m.backbone_kwargs),  # merged: registry defaults may change
-        "head": m.head,
-        "head_kwargs": dict(m.head_kwargs),
-        "pointrend": pointrend,
-    })
-
-
-def preprocessing_from(cfg: Any) -> Preprocessing:
-    """The ``Preprocessing`` described by the data section of the config."""
-    d = cfg.data
-    unplanned = [f for f in ("normalization", "target_spacing") if getattr(d, f) == "auto"]
-    if unplanned:
-        raise ValueError(f"data.{unplanned[0]} is 'auto': resolve the plan first (seg.plan)")
-    norm = d.normalization if isinstance(d.normalization, str) else tuple(d.normalization)
-    stats = None if d.intensity_stats is None else tuple(dict(x) for x in d.intensity_stats)
-    pp = Preprocessing(normalization=norm, intensity_stats=stats, ct_window=tuple(d.ct_window),
-                       target_spacing=None if d.target_spacing is None else tuple(d.target_spacing))
-    pp.validate()
-    return pp
-
-
 def upgrade_model_config(model_config: dict[str, Any]) -> dict[str, Any]:
     """``model_config`` of a format-1 checkpoint (PointRend options without 'enabled' and
     'in_features', which then meant: on, the stride-4 level) in the current form."""
@@ -121,28 +66,21 @@ def upgrade_model_config(model_config: dict[str, Any]) -> dict[str, Any]:
 
 @dataclasses.dataclass
 class InferenceBundle:
-    """Everything inference needs, restored from a checkpoint."""
+    """A model ready for inference and its ``InferenceSpec`` (whose fields it shows as its own:
+    ``bundle.patch_size`` is ``bundle.spec.patch_size``)."""
 
-    model: torch.nn.Module
-    spatial_dims: int
-    patch_size: tuple[int, ...]
-    slice_axis: int | None
-    preprocessing: Preprocessing
-    class_names: list[str]
-    in_channels: int
-    mirror_axes: tuple[int, ...] | None = None  # axes mirrored in training (--tta mirrors these)
-    label_values: tuple[int, ...] | None = None  # file value of each class index (None: the index)
+    model: Any  # torch.nn.Module, or an exported network (seg.export)
+    spec: InferenceSpec
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "spec":  # not yet set (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.spec, name)
 
 
-def inference_bundle(cfg: Any, model: torch.nn.Module) -> InferenceBundle:
-    """What inference needs, from a planned config and its model (as a checkpoint would restore it)."""
-    d = cfg.data
-    return InferenceBundle(
-        model=model, spatial_dims=int(d.spatial_dims), patch_size=tuple(int(p) for p in d.patch_size),
-        slice_axis=d.slice_axis if d.spatial_dims == 2 else None, preprocessing=preprocessing_from(cfg),
-        class_names=list(d.class_names), in_channels=int(d.in_channels),
-        mirror_axes=tuple(int(a) for a in d.mirror_axes),
-        label_values=tuple(label_values_from(d.label_remap, d.num_classes)))
+def inference_bundle(spec: RunSpec, model: torch.nn.Module) -> InferenceBundle:
+    """What inference needs, from a run and its model (as a checkpoint would restore it)."""
+    return InferenceBundle(model, spec.inference)
 
 
 def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu",
@@ -150,23 +88,13 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     """Rebuild the model of a checkpoint in eval mode on ``device`` (``unsafe_load``: see
     ``load_checkpoint``)."""
     ckpt = load_checkpoint(path, unsafe_load=unsafe_load)
-    model = build_model(**upgrade_model_config(ckpt["model_config"]))
+    spec = InferenceSpec.from_dict(ckpt, upgrade_model_config(ckpt["model_config"]))
+    model = build_model(**spec.model_config)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise UserError(f"weights do not fit the stored model configuration: {exc}", path) from exc
-    model.to(device).eval()
-    return InferenceBundle(
-        model=model,
-        spatial_dims=int(ckpt["spatial_dims"]),
-        patch_size=tuple(int(p) for p in ckpt["patch_size"]),
-        slice_axis=ckpt.get("slice_axis"),
-        preprocessing=Preprocessing.from_dict(ckpt["preprocessing"]),
-        class_names=list(ckpt["class_names"]),
-        in_channels=int(ckpt["model_config"].get("in_channels", 1)),
-        mirror_axes=None if ckpt.get("mirror_axes") is None else tuple(int(a) for a in ckpt["mirror_axes"]),
-        label_values=None if ckpt.get("label_values") is None else tuple(int(v) for v in ckpt["label_values"]),
-    )
+    return InferenceBundle(model.to(device).eval(), spec)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -189,29 +117,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(cuda_state, i)
 
 
-def checkpoint_state(cfg: Any, model, optimizer, scheduler, scaler, iteration: int, best: float,
-                     plan: dict[str, Any] | None = None, config_source: str | None = None) -> dict[str, Any]:
-    """The checkpoint of a training run at ``iteration`` (module docstring), the RNG states included;
-    ``config_source``: the run's config file (``seg.config.Provenance.source``)."""
-    d = cfg.data
+def checkpoint_state(spec: RunSpec, model, optimizer, scheduler, scaler, iteration: int, best: float
+                     ) -> dict[str, Any]:
+    """The checkpoint of a training run at ``iteration`` (module docstring), the RNG states included."""
+    source = spec.provenance.source if spec.provenance is not None else None
     return {
         "format_version": FORMAT_VERSION,
         "model": model.state_dict(),
-        "model_config": model_config_from(cfg),
         **to_plain({  # plain data only: the file loads with weights_only=True (torch_load)
-            "spatial_dims": d.spatial_dims,
-            "patch_size": tuple(d.patch_size),
-            "slice_axis": d.slice_axis if d.spatial_dims == 2 else None,
-            "preprocessing": preprocessing_from(cfg).to_dict(),
-            "class_names": list(d.class_names),
-            "in_channels": d.in_channels,
-            "mirror_axes": list(d.mirror_axes),
-            "label_values": label_values_from(d.label_remap, d.num_classes),
-            "plan": plan,
+            **spec.inference.to_dict(),
+            "plan": spec.plan,
             "iteration": iteration,
             "best": best,
-            "config": stored_config(cfg),
-            "config_source": None if config_source is None else os.path.abspath(config_source),
+            "config": stored_config(spec.config),
+            "config_source": None if source is None else os.path.abspath(source),
         }),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from seg import io
 from seg.errors import ConfigError, DataError
+from seg.spec import Labels
 
 logger = logging.getLogger(__name__)
 
@@ -83,33 +84,11 @@ class DatasetJson:
     @property
     def label_remap(self) -> dict[int, int] | None:
         """{file value: class index} for the values that are not their own index (None: none)."""
-        return remap_for(self.label_values)
+        return Labels(tuple(self.class_names), tuple(self.label_values)).remap
 
     @property
     def pattern(self) -> str:
         return "*" + self.file_ending
-
-
-def remap_for(values: Sequence[int]) -> dict[int, int] | None:
-    """``data.label_remap`` taking sorted label ``values`` to the class indices 0..K-1 (None when
-    every value is its own index)."""
-    remap = {int(v): i for i, v in enumerate(values) if int(v) != i}
-    return remap or None
-
-
-def label_values_from(label_remap: dict[int, int] | None, num_classes: int) -> list[int]:
-    """The label value of each class index in the training files: the inverse of
-    ``data.label_remap`` ({file value: class index}); indices no remap targets keep their value.
-
-    >>> label_values_from({255: 1}, 2), label_values_from({4: 2}, 3), label_values_from({1: 2, 2: 1}, 3)
-    ([0, 255], [0, 1, 4], [0, 2, 1])
-    """
-    values = list(range(num_classes))
-    for old, new in reversed(list((label_remap or {}).items())):  # the first source wins
-        if 0 <= int(new) < num_classes:
-            values[int(new)] = int(old)
-    return values
-
 
 
 def label_values(label: np.ndarray) -> np.ndarray:
@@ -317,6 +296,7 @@ def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.
     d = out.data
     before = {f: copy.deepcopy(getattr(d, f)) for f in DESCRIBED_FIELDS}
     path = dataset_json_path(d, root)
+    d.dataset_json = None if path is None else str(path)  # resolved: the file read, or none
     dj = None
     if path is not None:
         dj = read_dataset_json(path)
@@ -326,7 +306,7 @@ def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.
         cases = list(find_cases(out))
     if _is_auto(d.class_names):
         names, values = discover_classes([c.label for c in cases], progress)
-        remap = remap_for(values)
+        remap = Labels(tuple(names), tuple(values)).remap
         if d.label_remap is not None and remap_for_config(d.label_remap, len(names)) != remap_for_config(remap, len(names)):
             raise ConfigError(f"data.label_remap={d.label_remap!r} needs explicit data.class_names (with "
                               "class_names 'auto' the classes are the label values found: "
@@ -345,7 +325,7 @@ def describe_data(cfg: Any, root: Path, find_cases: Callable[[Any], Sequence[io.
 def _check_written_values(d: Any) -> None:
     """Every class's label value (``data.label_remap`` inverted) fits the label maps we write; a
     ConfigError naming the remap entry before the run, not an error at the first output."""
-    top = max(label_values_from(d.label_remap, len(d.class_names)))
+    top = max(Labels.from_remap(d.class_names, d.label_remap).values)
     if top > io.MAX_LABEL_VALUE:
         raise ConfigError(f"data.label_remap={d.label_remap!r} maps label value {top} to a class: the label "
                           f"maps we write hold at most {io.MAX_LABEL_VALUE} (uint16); renumber the labels")

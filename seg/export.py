@@ -62,6 +62,7 @@ from seg.files import write_atomic
 from seg.io import label_dtype
 from seg.pointrend import subdivision_sizes
 from seg.preprocess import NORMALIZATIONS, Preprocessing
+from seg.spec import InferenceSpec
 
 logger = logging.getLogger(__name__)
 
@@ -380,15 +381,8 @@ def _manifest(bundle: InferenceBundle, checkpoint: Path, computes: str,
         "format_version": FORMAT_VERSION,
         "written_by": "python -m seg.export",
         "source": {"checkpoint": checkpoint.name, "sha256": _sha256(checkpoint)},
-        "spatial_dims": bundle.spatial_dims,
-        "patch_size": list(bundle.patch_size),
-        "slice_axis": bundle.slice_axis,
-        "in_channels": bundle.in_channels,
+        **dataclasses.replace(bundle.spec, model_config=None).to_dict(),  # the checkpoint's own fields
         "num_classes": len(bundle.class_names),
-        "class_names": list(bundle.class_names),
-        "label_values": None if bundle.label_values is None else list(bundle.label_values),
-        "mirror_axes": None if bundle.mirror_axes is None else list(bundle.mirror_axes),
-        "preprocessing": bundle.preprocessing.to_dict(),
         "computes": computes,
         "pointrend": pointrend,
         "networks": networks,
@@ -613,7 +607,7 @@ def load_export(path: str | os.PathLike, device: str | torch.device = "cpu",
                         file) from exc
     check_network(model, bundle, device, folder / MANIFEST, entry["file"])
     _check_io_shapes(manifest, folder / MANIFEST)
-    return dataclasses.replace(bundle, model=model)
+    return InferenceBundle(model, bundle.spec)
 
 
 def _network_file(folder: Path, entry: dict[str, Any]) -> Path:
@@ -672,18 +666,13 @@ def check_network(model: Any, bundle: InferenceBundle, device: str | torch.devic
 
 
 def _bundle(manifest: dict[str, Any], model: Any, file: Path) -> InferenceBundle:
-    """The InferenceBundle fields of a checked manifest (``check_manifest``)."""
+    """The InferenceBundle of a checked manifest (``check_manifest``)."""
     try:
-        pp = Preprocessing.from_dict(manifest["preprocessing"])
-        pp.validate()
+        spec = InferenceSpec.from_dict(manifest)
+        spec.preprocessing.validate()
     except (TypeError, ValueError, KeyError) as exc:
         raise UserError(f"preprocessing: {exc}", file) from exc
-    values, mirror, axis = manifest.get("label_values"), manifest.get("mirror_axes"), manifest.get("slice_axis")
-    return InferenceBundle(
-        model=model, spatial_dims=manifest["spatial_dims"], patch_size=tuple(manifest["patch_size"]),
-        slice_axis=axis, preprocessing=pp, class_names=list(manifest["class_names"]),
-        in_channels=manifest["in_channels"], mirror_axes=None if mirror is None else tuple(mirror),
-        label_values=None if values is None else tuple(values))
+    return InferenceBundle(model, spec)
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -106,3 +106,23 @@ def _first_reason(exc: BaseException) -> str:
     lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
     hits = [l for l in lines if "GLOBAL" in l or "allowlisted" in l or "Unsupported" in l]
     return (hits or lines or [type(exc).__name__])[0][:300]
+
+
+def to_plain(obj: Any) -> Any:
+    """``obj`` as plain Python data (dict, list, tuple, str, int, float, bool, None; tensors kept):
+    NumPy scalars and arrays, paths, enums and named tuples become their plain equivalents."""
+    if isinstance(obj, dict):
+        return {to_plain(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [to_plain(v) for v in obj]
+        return tuple(items) if type(obj) is tuple else items
+    if isinstance(obj, (np.ndarray, np.generic)):
+        return obj.tolist()
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    for kind in (bool, int, float, str):  # subclasses (IntEnum, StrEnum) pickle by class name
+        if isinstance(obj, kind):
+            return kind(obj)
+    if obj is None or isinstance(obj, torch.Tensor):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (plain data only): {obj!r}")

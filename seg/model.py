@@ -69,7 +69,8 @@ def resolve_pointrend_options(pointrend: Any) -> dict | None:
     """The options of an ``hparam.PointRendConfig`` (or its dict) as a checked dict; None when off.
 
     Raises:
-        ConfigError: unknown or missing options, a point budget still 'auto', a bad image mode.
+        ConfigError: unknown or missing options, a point budget that is not a positive number, a bad
+            image mode.
     """
     if pointrend is None or pointrend is False:
         return None
@@ -83,8 +84,7 @@ def resolve_pointrend_options(pointrend: Any) -> dict | None:
                           "hparam.PointRendConfig (or its dict)")
     for key in ("train_num_points", "subdivision_num_points"):
         if not isinstance(options[key], int) or options[key] <= 0:
-            raise ConfigError(f"pointrend {key} must be a positive number, got {options[key]!r} "
-                              "('auto' is resolved by the plan, seg.plan)")
+            raise ConfigError(f"pointrend {key} must be a positive number, got {options[key]!r}")
     if options["image_features"] not in pr.IMAGE_FEATURE_MODES:
         raise ConfigError(unknown_name_message("pointrend image_features", options["image_features"],
                                                pr.IMAGE_FEATURE_MODES))

@@ -35,8 +35,7 @@ import datasets as ds
 from backbones.pretrained import load_pretrained
 from seg import distributed as distr
 from seg import plan as planning
-from seg.checkpoint import (checkpoint_state, inference_bundle, load_checkpoint, model_config_from, restore,
-                            save_checkpoint)
+from seg.checkpoint import checkpoint_state, inference_bundle, load_checkpoint, restore, save_checkpoint
 from seg.config import Provenance, anchored, resolve_data_path
 from seg.dataset_json import describe_data
 from seg.errors import ConfigError
@@ -44,6 +43,7 @@ from seg.inference import count_windows
 from seg.metrics import MetricAccumulator, evaluate_case
 from seg.model import build_model
 from seg.predict import Predictor, labels_from_logits, to_input_grid
+from seg.spec import RunSpec, resolve
 
 log = logging.getLogger(__name__)
 
@@ -161,14 +161,12 @@ def find_data(cfg: Any) -> tuple[list, list]:
 
 
 def plan_run(cfg: Any, train_cases: list, out_dir: Path | None, ctx: distr.DistContext | None = None,
-             progress: bool = True, described: list | tuple = ()) -> tuple[Any, list, dict]:
-    """Fingerprint the training cases (cached in ``out_dir/fingerprint.json``), resolve every 'auto'
-    field (``seg.plan``), show the plan (after the ``described`` rows of ``describe``) and write
-    ``out_dir/plan.json`` (rank 0).
-
-    Returns:
-        (the planned config, the decisions, the fingerprint).
-    """
+             progress: bool = True, described: list | tuple = (), provenance: Provenance | None = None
+             ) -> RunSpec:
+    """The run specification of a described ``cfg``: fingerprint the training cases (cached in
+    ``out_dir/fingerprint.json``), resolve every 'auto' field (``seg.plan``), show the plan (after
+    the ``described`` rows of ``describe``), write ``out_dir/plan.json`` (rank 0) and freeze the
+    result (``seg.spec.resolve``)."""
     ctx = ctx or distr.DistContext()
     main = ctx.is_main and out_dir is not None
     strides = planning.level_strides(cfg)  # a bad backbone option stops here, before any file is written
@@ -181,15 +179,16 @@ def plan_run(cfg: Any, train_cases: list, out_dir: Path | None, ctx: distr.DistC
     planned.validate()
     if ctx.is_main:
         tqdm.write(planning.format_tables(fp, decisions))
+    record = planning.plan_record(fp, decisions)
     if main:
-        planning.write_json_atomic(planning.plan_record(fp, decisions), out_dir / "plan.json")
-    return planned, decisions, fp
+        planning.write_json_atomic(record, out_dir / "plan.json")
+    return resolve(planned, provenance or Provenance(), record)
 
 
-def planned_config(cfg: Any, out_dir: str | Path | None = None, progress: bool = False,
-                   overwrite: bool = False, provenance: Provenance | None = None
-                   ) -> tuple[Any, tuple[list, list]]:
-    """``cfg`` with its plan resolved, and its (training, validation) cases: what ``train`` does
+def planned_run(cfg: Any, out_dir: str | Path | None = None, progress: bool = False,
+                overwrite: bool = False, provenance: Provenance | None = None
+                ) -> tuple[RunSpec, tuple[list, list]]:
+    """The run specification of ``cfg`` and its (training, validation) cases: what ``train`` does
     before the first step (benchmarks and tests use it to get the same settings;
     ``train_seg.py --plan-only``).  ``out_dir`` (for ``plan.json`` and ``fingerprint.json``) follows
     training's folder rule (``claim_output_dir``): a folder holding another run is refused, or with
@@ -201,7 +200,7 @@ def planned_config(cfg: Any, out_dir: str | Path | None = None, progress: bool =
     if out is not None:
         claim_output_dir(out, overwrite)
         out.mkdir(parents=True, exist_ok=True)
-    return plan_run(cfg, cases[0], out, progress=progress, described=described)[0], cases
+    return plan_run(cfg, cases[0], out, progress=progress, described=described, provenance=provenance), cases
 
 
 def prepare_data(cfg: Any, ctx: distr.DistContext | None = None, cases: tuple[list, list] | None = None
@@ -265,7 +264,7 @@ class ValidationClock:
         self.last_val_s = seconds
 
 
-def validate(model: torch.nn.Module, data: DataBundle, cfg: Any, device: torch.device,
+def validate(model: torch.nn.Module, data: DataBundle, spec: RunSpec, device: torch.device,
              ctx: distr.DistContext | None = None) -> dict[str, float]:
     """Dice and Boundary IoU per foreground class on the validation volumes, and their means.
 
@@ -276,7 +275,8 @@ def validate(model: torch.nn.Module, data: DataBundle, cfg: Any, device: torch.d
     one process would.
     """
     ctx = ctx or distr.DistContext()
-    predictor = Predictor(inference_bundle(cfg, model), overlap=cfg.train.val_overlap,
+    cfg = spec.config
+    predictor = Predictor(inference_bundle(spec, model), overlap=cfg.train.val_overlap,
                           batch_size=max(1, cfg.train.batch_size))  # puts the model in eval mode
     labels = list(range(1, cfg.data.num_classes))
     index = data.val_index if data.val_index is not None else list(range(len(data.val_data)))
@@ -314,14 +314,15 @@ class TrainResult:
     last_metrics: dict[str, float]
 
 
-def build_training(cfg: Any, device: torch.device, model_factory: Any = None, unsafe_load: bool = False):
-    """Model, optimiser, scheduler and grad scaler for ``cfg``.
+def build_training(spec: RunSpec, device: torch.device, model_factory: Any = None, unsafe_load: bool = False):
+    """Model, optimiser, scheduler and grad scaler of a run.
 
     ``model_factory(cfg)`` replaces the registry-built model (benchmarks compare other networks
     through the very same loop); it must offer ``forward_train``, ``loss`` and ``forward``.
     ``unsafe_load`` admits a ``model.pretrained`` file that needs full unpickling (trusted files).
     """
-    model = model_factory(cfg) if model_factory else build_model(**model_config_from(cfg))
+    cfg = spec.config
+    model = model_factory(cfg) if model_factory else build_model(**spec.inference.model_config)
     if cfg.model.pretrained:
         load_pretrained(model.backbone, cfg.model.pretrained, unsafe_load=unsafe_load)
     model.to(device)
@@ -432,7 +433,7 @@ def train(cfg: Any, resume: str | None = None, progress: bool = True, model_fact
     ctx = distr.setup(resolve_device(t.device), t.dist_timeout_minutes)
     try:
         return _train(cfg, ctx, resume, progress, model_factory, stop_after, unsafe_load, overwrite,
-                      (described, provenance.source))
+                      (described, provenance))
     finally:
         ctx.close()
 
@@ -457,9 +458,10 @@ def claim_output_dir(out_dir: Path, overwrite: bool) -> None:
 
 def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool, model_factory: Any,
            stop_after: int | None, unsafe_load: bool = False, overwrite: bool = False,
-           origin: tuple[list, str | None] = ((), None)) -> TrainResult:
-    """The run of ``train``; ``origin``: the rows ``describe`` returned and the config file."""
-    described, config_source = origin
+           origin: tuple[list, Provenance] = ((), Provenance())) -> TrainResult:
+    """The run of ``train`` of a described ``cfg``; ``origin``: the rows ``describe`` returned and
+    the request's provenance."""
+    described, provenance = origin
     t, device = cfg.train, ctx.device
     seed_everything(t.seed)
     out_dir = Path(t.output_dir)
@@ -472,14 +474,14 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
         resumed = load_checkpoint(resume, unsafe_load=unsafe_load) if resume else None  # read once
         stored = resumed.get("plan") if resumed is not None else None
         if stored is not None and not planning.unresolved(cfg):  # the run's own plan, as it was
-            plan = stored
+            spec = resolve(cfg, provenance, stored)
         else:
-            cfg, decisions, fingerprint = plan_run(cfg, cases[0], out_dir, ctx, progress, described)
-            plan = planning.plan_record(fingerprint, decisions)
+            spec = plan_run(cfg, cases[0], out_dir, ctx, progress, described, provenance)
+        cfg = spec.config  # resolved once, frozen from here on
         data = prepare_data(cfg, ctx, cases)
         train_cases = distr.train_shard(data.train_cases, ctx.rank, ctx.world_size)
     with ctx.guard("model set-up"):
-        model, optimizer, scheduler, scaler = build_training(cfg, device, model_factory, unsafe_load)
+        model, optimizer, scheduler, scaler = build_training(spec, device, model_factory, unsafe_load)
         if t.sync_batchnorm:
             model = distr.convert_sync_batchnorm(model, ctx)
         start, best = 0, -1.0
@@ -537,11 +539,11 @@ def _train(cfg: Any, ctx: distr.DistContext, resume: str | None, progress: bool,
             validated = last or ctx.any(clock.due())
             if validated:
                 t_val = time.time()
-                metrics = validate(model, data, cfg, device, ctx)
+                metrics = validate(model, data, spec, device, ctx)
                 clock.add_validation(time.time() - t_val)
             with ctx.guard("writing checkpoints"):  # rank 0 writes, the others wait here
                 if ctx.is_main:
-                    state = checkpoint_state(cfg, model, optimizer, scheduler, scaler, it, best, plan, config_source)
+                    state = checkpoint_state(spec, model, optimizer, scheduler, scaler, it, best)
                     if validated:
                         val_csv.write({"iteration": it, **metrics})
                         for k, v in metrics.items():

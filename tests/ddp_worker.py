@@ -22,8 +22,13 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import torch  # noqa: E402
 
-from seg.checkpoint import model_config_from  # noqa: E402
+from seg.spec import model_config_from, resolve  # noqa: E402
 from seg.model import build_model  # noqa: E402
+
+#: every planned field of a 2D config set by hand (a config planned without data: ``seg.spec.resolve``)
+RESOLVED_2D = ["data.dataset_json=None", "data.target_spacing=None", "data.patch_size=(32, 32)", "data.slice_axis=2",
+               "data.normalization='none'", "data.mirror_axes=()", "data.rotation_axes=()", "train.batch_size=2",
+               "model.pointrend.train_num_points=256", "model.pointrend.subdivision_num_points=256"]
 
 
 def tiny(data: str, out: str, iterations: int):
@@ -59,11 +64,12 @@ def step_check(ctx, out: Path) -> None:
     cfg = apply_overrides(Config(), [
         "data.spatial_dims=2", "data.class_names=['bg','a','b']", "data.in_channels=1", "model.pointrend.enabled=False",
         "model.head_kwargs={'norm': 'group'}", "train.lr=3e-4", "train.warmup_iterations=1",
-        "train.iterations=10", "train.device='cpu'"])
+        "train.iterations=10", "train.device='cpu'", *RESOLVED_2D])
+    spec = resolve(cfg, None, None)
 
     def fresh():
         torch.manual_seed(0)
-        model, *rest = build_training(cfg, cpu)
+        model, *rest = build_training(spec, cpu)
         return (ce_only(model), *rest)
 
     g = torch.Generator().manual_seed(1)

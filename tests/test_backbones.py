@@ -268,7 +268,7 @@ def test_registry_defaults_apply_and_user_options_win() -> None:
     architecture's own defaults (timm's 7^d ConvNeXt, so its weights load)."""
     from backbones import backbone_options
     from hparam import Config
-    from seg.checkpoint import model_config_from
+    from seg.spec import model_config_from
     from seg.config import apply_overrides
 
     assert backbone_options("convnext_atto") == {"kernel_size": 3}

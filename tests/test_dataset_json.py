@@ -181,16 +181,16 @@ def test_named_channel_takes_its_scheme_and_zscore_the_crop_rule() -> None:
 
 
 def test_integer_mr_reaching_minus_500_named_t1_plans_zscore(tmp_path: Path) -> None:
-    from seg.train import planned_config
+    from seg.train import planned_run
 
     ds = nnunet_dataset(tmp_path, n_train=3, n_test=0, channel_names={"0": "T1"})
     for f in (ds / "imagesTr").glob("toy_*_0000.nii.gz"):  # integer MR values from -600
         img = sitk.ReadImage(str(f))
         _write(f, (sitk.GetArrayFromImage(img) * 10 - 600).astype(np.int16))
     sets = [f"data.root='{ds}'", "data.val_images_dir=None", "data.split_file=None", "data.val_fraction=0.34"]
-    planned, _ = planned_config(apply_overrides(Config(), sets))
+    planned = planned_run(apply_overrides(Config(), sets))[0].config
     assert planned.data.normalization == "zscore" and planned.data.channel_names == ["T1"]
-    planned, _ = planned_config(apply_overrides(Config(), sets + ["data.dataset_json=None", "data.pattern='*.nii.gz'"]))
+    planned = planned_run(apply_overrides(Config(), sets + ["data.dataset_json=None", "data.pattern='*.nii.gz'"]))[0].config
     assert planned.data.normalization == "ct"  # no names: the plan's own rule sees Hounsfield-like integers
 
 
@@ -292,15 +292,15 @@ def test_contradiction_stops_train_seg_with_exit_2(tmp_path: Path) -> None:
 def test_channel_named_ct_plans_ct_normalisation(tmp_path: Path) -> None:
     """nnU-Net's rule: a channel named CT gets the CT scheme, whatever the intensities (these are
     MR-like values from 0, where the plan's own rule would say z-score)."""
-    from seg.train import planned_config
+    from seg.train import planned_run
 
     ds = nnunet_dataset(tmp_path, n_train=3, n_test=0, channel_names={"0": "CT"})
     sets = [f"data.root='{ds}'", "data.val_images_dir=None", "data.split_file=None", "data.val_fraction=0.34"]
-    planned, _ = planned_config(apply_overrides(Config(), sets))
+    planned = planned_run(apply_overrides(Config(), sets))[0].config
     assert planned.data.normalization == "ct" and planned.data.intensity_stats is not None
     (ds / "dataset.json").write_text(json.dumps({**json.loads((ds / "dataset.json").read_text()),
                                                  "channel_names": {"0": "MRI"}}))
-    assert planned_config(apply_overrides(Config(), sets))[0].data.normalization == "zscore"
+    assert planned_run(apply_overrides(Config(), sets))[0].config.data.normalization == "zscore"
 
 
 def test_without_dataset_json_classes_are_the_values_found(tmp_path: Path) -> None:

@@ -492,10 +492,10 @@ def test_native_2d_png_cases(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- demo data
 def test_demo_mni152_slabs() -> None:
     from hparam import Config
-    from seg.train import planned_config
+    from seg.train import planned_run
     from seg.config import load_request
     request, provenance = load_request(str(DEMO / "config.py"))
-    cfg = planned_config(request, provenance=provenance)[0].data  # planned from the training slabs
+    cfg = planned_run(request, provenance=provenance)[0].config.data  # planned from the training slabs
     assert cfg.normalization == "zscore_nonzero" and cfg.patch_size == (64, 64, 32)
     cases = ds.find_cases(DEMO / "imagesTr", DEMO / "labelsTr")
     assert [c.name for c in cases] == ["mni152_slab00", "mni152_slab02", "mni152_slab04"]

@@ -105,7 +105,7 @@ def test_one_step_on_two_processes_equals_one_process_on_the_whole_batch(resumed
 def test_two_processes_resume_a_one_process_run(data: Path, resumed: Path) -> None:
     from ddp_worker import tiny
     from seg.checkpoint import load_for_inference
-    from seg.train import planned_config, prepare_data, validate
+    from seg.train import planned_run, prepare_data, validate
 
     run = resumed / "run"
     rank0, rank1 = torch.load(resumed / "rank0.pt"), torch.load(resumed / "rank1.pt")
@@ -124,11 +124,11 @@ def test_two_processes_resume_a_one_process_run(data: Path, resumed: Path) -> No
     assert [int(r["iteration"]) for r in val] == [2, 4]
 
     # rank 0 reported what one process validating every case gets with the same weights
-    cfg, cases = planned_config(tiny(str(data), str(run), 4))
+    spec, cases = planned_run(tiny(str(data), str(run), 4))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1)
     try:
-        single = validate(load_for_inference(run / "last.pt").model, prepare_data(cfg, cases=cases), cfg,
+        single = validate(load_for_inference(run / "last.pt").model, prepare_data(spec.config, cases=cases), spec,
                           torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)

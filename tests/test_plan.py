@@ -214,10 +214,10 @@ def _link_cases(src: Path, dst: Path, names: dict[str, str]) -> Path:
 
 
 def plan_of(root: Path, classes: list[str], tmp: Path, *sets: str) -> tuple[dict, Config]:
-    from seg.train import planned_config
+    from seg.train import planned_run
     cfg = apply_overrides(Config(), [f"data.root='{root}'", f"data.class_names={classes}",
                                      "data.val_images_dir=None", *sets])
-    planned, _ = planned_config(cfg, tmp / "run")
+    planned = planned_run(cfg, tmp / "run")[0].config
     record = json.loads((tmp / "run" / "plan.json").read_text())
     return {d["field"]: d["value"] for d in record["decisions"]}, planned
 

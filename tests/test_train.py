@@ -139,7 +139,7 @@ def test_validation_equals_inference_on_resampled_data(dataset: Path, tmp_path: 
     from seg.metrics import dice
     from seg.predict import Predictor
     from seg.preprocess import resample
-    from seg.train import planned_config, train
+    from seg.train import planned_run, train
 
     cfg = apply_overrides(tiny_config(dataset, tmp_path / "run", 3, iterations=4),
                           ["data.target_spacing=(1.6, 1.4, 2.1)"])
@@ -147,7 +147,7 @@ def test_validation_equals_inference_on_resampled_data(dataset: Path, tmp_path: 
     with open(res.output_dir / "val_log.csv") as f:
         logged = list(csv.DictReader(f))[-1]
     assert int(logged["iteration"]) == 4
-    _, (_, val_cases) = planned_config(cfg)
+    _, (_, val_cases) = planned_run(cfg)
     predictor = Predictor.from_checkpoint(res.output_dir / "last.pt", overlap=cfg.train.val_overlap,
                                           batch_size=cfg.train.batch_size)
     scores, on_network_grid = {1: [], 2: []}, {1: [], 2: []}
