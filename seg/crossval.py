@@ -122,7 +122,8 @@ def claim(out: Path, request: dict[str, Any], overwrite: bool) -> None:
                           "another train.output_dir, or replace them with --overwrite", out)
     changed = _differences(before, request) if before is not None else []
     if changed and not overwrite:
-        raise ConfigError(f"holds a cross-validation of another request ({', '.join(changed[:3])} differ): choose "
+        shown = ", ".join(c.removeprefix("config.") for c in changed[:3])
+        raise ConfigError(f"holds a cross-validation of another request ({shown} differ): choose "
                           "another train.output_dir, continue it with its own settings, or start over with "
                           "--overwrite", out)
     write_bytes_atomic(path, json.dumps(request, indent=1) + "\n")
