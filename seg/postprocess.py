@@ -58,11 +58,11 @@ class Postprocessing:
     source: str | None = None
 
     def apply(self, labels: np.ndarray) -> np.ndarray:
-        """``labels`` postprocessed (a new array; the input is not changed)."""
+        """``labels`` postprocessed (the input is not changed; returned as it is when there is no step)."""
         out = keep_largest(labels) if self.foreground else labels
         for value in self.labels:
             out = keep_largest(out, (value,))
-        return out if out is not labels else labels.copy()
+        return out
 
     def describe(self) -> str:
         steps = (["the foreground's largest component"] if self.foreground else []) + \
