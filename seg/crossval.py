@@ -123,7 +123,7 @@ def claim(out: Path, request: dict[str, Any], overwrite: bool) -> None:
     changed = _differences(before, request) if before is not None else []
     if changed and not overwrite:
         shown = ", ".join(c.removeprefix("config.") for c in changed[:3])
-        raise ConfigError(f"holds a cross-validation of another request ({shown} differ): choose "
+        raise ConfigError(f"holds a cross-validation of another request (it differs in {shown}): choose "
                           "another train.output_dir, continue it with its own settings, or start over with "
                           "--overwrite", out)
     write_bytes_atomic(path, json.dumps(request, indent=1) + "\n")
@@ -163,15 +163,14 @@ class Fold:
 
     index: int
     checkpoint: Path
-    iteration: int | None = None   # None: no checkpoint
-    ckpt: dict | None = None       # the checkpoint's config, classes and iterations (no weights)
+    ckpt: dict | None = None  # what the summary needs of the checkpoint (``_facts``); None: there is none
 
     def unfinished(self) -> str:
         """Why the fold is not finished ('' when it is)."""
         if self.ckpt is None:
             return "no last.pt"
-        total = self.ckpt["config"]["train"]["iterations"]
-        return "" if (self.iteration or 0) >= total else f"at iteration {self.iteration} of {total}"
+        done, total = int(self.ckpt["iteration"] or 0), self.ckpt["config"]["train"]["iterations"]
+        return "" if done >= total else f"at iteration {done} of {total}"
 
     def data(self, key: str) -> Path:
         """A data folder of the fold's run (``data.root`` / its ``key``)."""
@@ -191,17 +190,15 @@ def folds_of(out_dir: Path, unsafe_load: bool = False) -> tuple[list[Fold], Path
         raise UserError("holds no fold_<k>/last.pt: train the folds with train_seg.py --set data.fold=all "
                         f"train.output_dir={out_dir}", out_dir)
     facts = {k: _facts(k, path, unsafe_load) for k, path in found.items()}
-    first = next(iter(facts.values()))
-    split = Path(first["config"]["data"]["root"]) / first["config"]["data"]["split_file"]
+    first = facts[min(facts)]
     for k, f in facts.items():
-        mine = Path(f["config"]["data"]["root"]) / f["config"]["data"]["split_file"]
-        for what, a, b in (("split file", mine, split), ("classes", f["class_names"], first["class_names"]),
-                           ("label values", f["label_values"], first["label_values"])):
-            if a != b:
-                raise UserError(f"fold_{k} and fold_{min(facts)} differ in their {what} ({a} and {b})", out_dir)
+        for what in ("split_file", "class_names", "label_values"):
+            if f[what] != first[what]:
+                raise UserError(f"fold_{k} and fold_{min(facts)} differ in their {what.replace('_', ' ')} "
+                                f"({f[what]} and {first[what]})", out_dir)
+    split = first["split_file"]
     n = len(io.read_json(split, "the split file"))
-    return [Fold(k, out_dir / f"fold_{k}" / "last.pt", *((facts[k]["iteration"], facts[k]) if k in facts else ()))
-            for k in range(max(n, max(facts) + 1))], split
+    return [Fold(k, out_dir / f"fold_{k}" / "last.pt", facts.get(k)) for k in range(max(n, max(facts) + 1))], split
 
 
 def _facts(k: int, path: Path, unsafe_load: bool) -> dict[str, Any]:
@@ -210,11 +207,14 @@ def _facts(k: int, path: Path, unsafe_load: bool) -> dict[str, Any]:
     data = ckpt.get("config", {}).get("data", {})
     if data.get("fold") != k:
         raise UserError(f"is the checkpoint of data.fold={data.get('fold')!r}, not of fold {k}", path)
-    val = data.get("val_images_dir")
+    val, split = data.get("val_images_dir"), data.get("split_file")
     if val is not None and (Path(data["root"]) / val).exists():
         raise UserError(f"was validated on the folder {Path(data['root']) / val}, not on a fold of a split", path)
+    if split is None or not (Path(data["root"]) / split).is_file():
+        raise UserError(f"was not trained on a fold of a split file (data.split_file={split!r})", path)
     return {key: ckpt.get(key) for key in ("config", "class_names", "iteration")} | {
-        "label_values": ckpt.get("label_values") or list(range(len(ckpt["class_names"])))}
+        "label_values": ckpt.get("label_values") or list(range(len(ckpt["class_names"]))),
+        "split_file": Path(data["root"]) / split}
 
 
 def summarise(out_dir: str | Path, finished_only: bool = False, device: Any = "cpu", progress: bool = True,

@@ -109,7 +109,7 @@ def test_running_again_continues(crossval_run) -> None:
 
     with captured("seg") as (_, err):
         assert train_seg.main(["--no-progress", "--set", *crossval_run["sets"], "train.lr=0.01"]) == 2
-    assert "train.lr differ" in err.getvalue() and str(run) in err.getvalue()
+    assert "it differs in train.lr" in err.getvalue() and str(run) in err.getvalue()
 
 
 def test_a_fold_is_the_run_of_data_fold_k(crossval_run, tmp_path: Path) -> None:
@@ -128,6 +128,30 @@ def test_a_fold_is_the_run_of_data_fold_k(crossval_run, tmp_path: Path) -> None:
         torch.testing.assert_close(fold["model"][k], alone["model"][k], rtol=0, atol=0, msg=k)
     resumed, _ = resume_config(Config(), str(run / "fold_1" / "last.pt"), ["train.iterations=3"])
     assert resumed.train.output_dir == str(run / "fold_1") and resumed.data.fold == 1
+
+
+def test_each_fold_is_skipped_resumed_or_trained(crossval_run, tmp_path: Path, monkeypatch) -> None:
+    """A fold at its final iteration is skipped, one stopped before (train.max_minutes, an interrupted
+    run) resumes from its last.pt with its own configuration, one without last.pt trains."""
+    from helpers import tiny_config
+    from seg import crossval
+
+    calls = []
+    monkeypatch.setattr(crossval, "train", lambda cfg, **kw: calls.append((cfg, kw)))
+    ckpt = torch.load(crossval_run["run"] / "fold_0" / "last.pt", weights_only=True)
+    for k, iteration in ((0, 2), (1, 1)):
+        (tmp_path / f"fold_{k}").mkdir()
+        torch.save({**ckpt, "iteration": iteration}, tmp_path / f"fold_{k}" / "last.pt")
+    cfg = tiny_config(crossval_run["data"], tmp_path, 3, iterations=2)
+    cfg.data.split_file = "splits.json"
+    for k in range(3):
+        crossval.train_fold(cfg, None, k)
+    (resumed, how), (fresh, new) = calls
+    assert how["resume"] == str(tmp_path / "fold_1" / "last.pt")
+    assert resumed.data.fold == 0  # the checkpoint's own configuration (fold_0's, copied there), not the request
+    assert resumed.train.output_dir == str(tmp_path / "fold_1")
+    assert (fresh.data.fold, fresh.train.output_dir, new["overwrite"]) == (2, str(tmp_path / "fold_2"), True)
+    assert cfg.data.fold == 0 and cfg.train.output_dir == str(tmp_path)  # the request is left alone
 
 
 # ----------------------------------------------------------------------------- the summary
@@ -171,7 +195,8 @@ def test_summary_equals_metrics_recomputed_by_hand(crossval_run, tmp_path: Path)
     assert infer_seg.main(["-i", *images, "-o", str(out), "-m", str(run / "fold_0" / "last.pt"),
                            "--no-postprocessing"]) == 0
     for case in folds[0]["val"]:
-        np.testing.assert_array_equal(_array(out / f"{case}.nii.gz"), _array(crossval / "predictions" / f"{case}.nii.gz"))
+        np.testing.assert_array_equal(_array(out / f"{case}.nii.gz"),
+                                      _array(crossval / "predictions" / f"{case}.nii.gz"))
 
 
 def test_postprocessing_record_follows_the_rule(crossval_run) -> None:
