@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="the cross-validation folder (its fold_<k>/last.pt)")
     p.add_argument("--finished-only", action="store_true",
                    help="summarise the finished folds when others are missing or unfinished")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help="sliding-window overlap in [0, 1)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="windows per network call")
@@ -326,7 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s")
 
     def body() -> int:
-        summarise(args.folder, args.finished_only, args.device, not args.no_progress, args.unsafe_load,
+        summarise(args.folder, args.finished_only, resolve_device(args.device), not args.no_progress, args.unsafe_load,
                   overlap=args.overlap, tta=args.tta, batch_size=args.batch_size)
         print(f"cross-validation summary: {Path(args.folder) / CROSSVAL_DIR / 'index.html'}")
         return 0
