@@ -23,7 +23,7 @@ class DataConfig:
     val_images_dir: str | None = "imagesVal"     # explicit validation folders (used when they exist); None: split_file, else a seeded split
     val_labels_dir: str | None = "labelsVal"     # validation label maps
     split_file: str | None = "splits_final.json"  # nnU-Net-style folds under root ([{"train": [...], "val": [...]}, ...]), used when there are no validation folders
-    fold: int = 0                                # the fold of split_file to train
+    fold: int | str = 0                          # the fold of split_file to train; 'all': every fold in turn into train.output_dir/fold_<k>/ (5 seeded folds without a split file), then the cross-validation summary (docs/crossval.md)
     val_fraction: float = 0.2                    # fraction of cases held out when neither validation folders nor split_file exist
     # ---- described by the data (seg/dataset_json.py): nnU-Net's dataset.json under root when there
     # ---- is one, else the label values and channels found; an explicit value must agree with dataset.json

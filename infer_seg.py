@@ -2,9 +2,13 @@
 """Segment images with a trained checkpoint; no labels needed.
 
     python infer_seg.py -i IMAGE_OR_FOLDER -o OUT_FOLDER -m CHECKPOINT [--tta] [--labels LABEL_FOLDER]
+    python infer_seg.py -i IMAGE_OR_FOLDER -o OUT_FOLDER -m RUN            # RUN/fold_*/last.pt: an ensemble
 
 ``-m`` also takes an export folder (``python -m seg.export CHECKPOINT -o DIR``): the same outputs,
 computed by its TorchScript network, which is a program and loads only with ``--unsafe-load``.
+Several models (files, or a cross-validation folder's folds) are an ensemble: the mean of their
+probabilities, then the argmax (``seg.ensemble``).  Models of a cross-validation get the postprocessing
+it chose (``RUN/crossval/postprocessing.json``; ``--no-postprocessing`` turns it off; docs/inference.md).
 
 Each output is named like its case (the file name; nnU-Net channel files ``name_0000``, ``name_0001``
 ... are one case ``name`` when ``name_0000`` exists), keeps the input's size, spacing, origin and
@@ -33,7 +37,8 @@ from seg import io
 from seg.cli import add_common_flags, run_cli
 from seg.errors import UserError
 from seg.inference import BLEND_MODES, DEFAULT_BATCH_SIZE, DEFAULT_BLEND, DEFAULT_OVERLAP
-from seg.predict import OUTPUT_FORMATS, Predictor, checked_cases, dataset_inputs, output_path, predict_folder
+from seg.ensemble import load_models
+from seg.predict import OUTPUT_FORMATS, checked_cases, dataset_inputs, output_path, predict_folder
 
 log = logging.getLogger("infer_seg")
 
@@ -45,14 +50,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="image file(s), a folder of images and/or DICOM series (subfolders searched for DICOM), "
                         "or an nnU-Net dataset folder (its imagesTs/)")
     p.add_argument("-o", "--output", required=True, help="output folder")
-    p.add_argument("-m", "--model", required=True,
-                   help="checkpoint file (.pt) from train_seg.py, or an export folder from python -m seg.export "
-                        "(its network is a TorchScript program: loads only with --unsafe-load)")
+    p.add_argument("-m", "--model", required=True, nargs="+",
+                   help="checkpoint file (.pt) from train_seg.py, a run folder (its last.pt), a cross-validation "
+                        "folder (its fold_<k>/last.pt), or an export folder from python -m seg.export (its network "
+                        "is a TorchScript program: loads only with --unsafe-load); several: an ensemble")
+    pp = p.add_mutually_exclusive_group()
+    pp.add_argument("--no-postprocessing", action="store_true",
+                    help="do not apply the postprocessing the models' cross-validation chose")
+    pp.add_argument("--postprocessing", metavar="JSON",
+                    help="apply this postprocessing.json (python -m seg.crossval) instead of the one found")
     p.add_argument("--overlap", type=float, default=DEFAULT_OVERLAP, help="sliding-window overlap in [0, 1)")
     p.add_argument("--tta", action="store_true", help="mirror test-time augmentation (along the axes mirrored in training)")
     p.add_argument("--blend", default=DEFAULT_BLEND, choices=BLEND_MODES, help="weighting of overlapping windows")
     p.add_argument("--save-probabilities", action="store_true",
-                   help="also write OUT/probabilities/<case> (float32, one channel per class)")
+                   help="also write OUT/probabilities/<case> (float32, one channel per class; an ensemble's mean)")
     p.add_argument("--format", default="same", choices=OUTPUT_FORMATS,
                    help="output format ('same' = the input's, DICOM-SEG for DICOM series; 'seg.nrrd': 3D Slicer's "
                         "segmentation file, named segments; 'dicom-seg': a DICOM Segmentation object over "
@@ -81,9 +92,9 @@ def run(args: argparse.Namespace) -> int:
         if as_seg:
             raise UserError(f"--labels evaluates label maps, not DICOM-SEG outputs: add --format nii.gz "
                             f"to evaluate the DICOM series ({as_seg[0].name}, ...)", as_seg[0].image)
-    predictor = Predictor.from_checkpoint(args.model, device=args.device, unsafe_load=args.unsafe_load,
-                                          overlap=args.overlap, tta=args.tta, batch_size=args.batch_size,
-                                          blend=args.blend)
+    predictor = load_models(args.model, device=args.device, unsafe_load=args.unsafe_load,
+                            postprocessing=args.postprocessing, find_postprocessing=not args.no_postprocessing,
+                            overlap=args.overlap, tta=args.tta, batch_size=args.batch_size, blend=args.blend)
     report = predict_folder(predictor, args.input, args.output, suffix=args.suffix, fmt=args.format,
                             overwrite=args.overwrite, save_probabilities=args.save_probabilities,
                             fail_fast=args.fail_fast)

@@ -9,10 +9,13 @@ Examples::
     python train_seg.py --resume runs/demo/last.pt
     python train_seg.py --resume runs/demo/last.pt --set train.iterations=3000   # train it longer
     python train_seg.py --plan-only            # show what the data decide (fingerprint and plan), stop
+    python train_seg.py --set data.fold=all    # every fold into OUTPUT_DIR/fold_<k>/, then python -m seg.crossval
     torchrun --nproc_per_node=4 train_seg.py --set train.batch_size=2   # DDP, 4 processes (docs/distributed.md)
 
 Exit status: 0 done; 2 an input or configuration error, told in one line naming the file or field
-(``--debug`` shows its traceback); 1 anything else (a bug: the traceback is shown).
+(``--debug`` shows its traceback); 1 anything else (a bug: the traceback is shown).  With
+``data.fold=all`` a failing fold is told in one line and the other folds still run; the status is then
+2 (1 when a fold failed on a bug).
 """
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, rank: int = 0, prefix: str = "") -> int:
     """Plan or train as ``args`` say; user errors propagate (``seg.cli.run_cli`` reports them)."""
     # reason: --help stays instant (these modules load torch and every backbone, seconds)
-    from seg import checkpoint, config, distributed, train as training
+    from seg import checkpoint, config, crossval, distributed, train as training
 
     if args.resume:
         if args.config or args.plan_only or args.overwrite:
@@ -68,6 +71,9 @@ def run(args: argparse.Namespace, rank: int = 0, prefix: str = "") -> int:
                                                    args.unsafe_load)
     else:
         cfg, provenance = config.load_request(args.config, args.set)
+        if cfg.data.fold == "all" and not args.plan_only:  # every fold, then the summary (docs/crossval.md)
+            return crossval.train_folds(cfg, provenance, progress=not args.no_progress, overwrite=args.overwrite,
+                                        unsafe_load=args.unsafe_load)
     if args.plan_only:
         training.planned_run(cfg, cfg.train.output_dir, progress=not args.no_progress,
                              overwrite=args.overwrite, provenance=provenance)

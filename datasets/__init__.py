@@ -10,10 +10,10 @@
     batches = build_train_loader(train, data_cfg, batch_size, seed)  # endless, seed-determined
 """
 from datasets.arrays import CaseArrays, load_case_arrays, load_validation_case, remap_labels
-from datasets.cases import Case, find_cases, split_cases, split_from_file
+from datasets.cases import Case, find_cases, kfold_split, split_cases, split_from_file
 from datasets.checks import check_case
 from datasets.loader import build_train_loader
 from datasets.sampling import ForegroundSampler
 
 __all__ = ["Case", "CaseArrays", "ForegroundSampler", "build_train_loader", "check_case", "find_cases",
-           "load_case_arrays", "load_validation_case", "remap_labels", "split_cases", "split_from_file"]
+           "kfold_split", "load_case_arrays", "load_validation_case", "remap_labels", "split_cases", "split_from_file"]

@@ -95,6 +95,26 @@ def split_cases(cases: Sequence[Case], val_fraction: float, seed: int) -> tuple[
     return train, val
 
 
+def kfold_split(names: Sequence[str], seed: int, folds: int = 5) -> list[dict[str, list[str]]]:
+    """A cross-validation split when there is no split file: the cases shuffled (seeded) and dealt into
+    ``folds`` validation sets (nnU-Net makes 5; fewer when there are fewer cases), each fold training on
+    the others; in the split file's form ``[{"train": [...], "val": [...]}, ...]``.  It depends on the
+    names and ``seed`` only, not on their order.
+
+    Raises:
+        UserError: fewer than two cases.
+    """
+    ordered = sorted(names)
+    if len(ordered) < 2:
+        raise UserError(f"{len(ordered)} case(s) found: a cross-validation needs at least 2")
+    split = []
+    for part in np.array_split(np.random.default_rng(seed).permutation(len(ordered)), min(folds, len(ordered))):
+        val = set(part.tolist())
+        split.append({"train": [n for i, n in enumerate(ordered) if i not in val],
+                      "val": [n for i, n in enumerate(ordered) if i in val]})
+    return split
+
+
 def split_from_file(cases: Sequence[Case], path: str | Path, fold: int) -> tuple[list[Case], list[Case]]:
     """(train, validation) cases of ``fold`` of an nnU-Net-style split file.
 

@@ -191,7 +191,8 @@ def validate_config(cfg: Any) -> None:
         (0.0 <= d.foreground_ratio <= 1.0, "data.foreground_ratio must be in [0, 1]"),
         (0.0 <= d.lookalike_ratio <= 1.0, "data.lookalike_ratio must be in [0, 1]"),
         (0.0 < d.val_fraction < 1.0, "data.val_fraction must be in (0, 1)"),
-        (isinstance(d.fold, int) and d.fold >= 0, f"data.fold must be an integer >= 0, got {d.fold!r}"),
+        (d.fold == "all" or (isinstance(d.fold, int) and not isinstance(d.fold, bool) and d.fold >= 0),
+         f"data.fold must be an integer >= 0 or 'all', got {d.fold!r}"),
         (_auto_or(d.normalization, lambda v: all(n in NORMALIZATIONS for n in ([v] if isinstance(v, str) else v))
                   and (isinstance(v, str) or _auto_or(d.in_channels, lambda c: len(v) == c))),
          f"data.normalization must be 'auto', one of {', '.join(NORMALIZATIONS)} or one per channel, "

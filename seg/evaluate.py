@@ -17,7 +17,7 @@ import logging
 import re
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -88,8 +88,9 @@ def evaluate_folders(pred_dir: str | Path, label_dir: str | Path, out_dir: str |
                      image_dir: str | Path | None = None, class_names: Sequence[str] | None = None,
                      labels: Sequence[int] | None = None, metrics: Sequence[str] = DEFAULT_METRICS,
                      num_slices: int = 3, pictures: bool = True, progress: bool = True,
-                     suffix: str = "", cases: Sequence[str] | None = None, **options: float
-                     ) -> dict[str, Any]:
+                     suffix: str = "", cases: Sequence[str] | None = None,
+                     groups: Mapping[str, Sequence[str]] | None = None, extra: Mapping[str, Any] | None = None,
+                     **options: float) -> dict[str, Any]:
     """Evaluates every labelled case and writes the report; returns the summary (as in summary.json).
 
     Args:
@@ -106,6 +107,8 @@ def evaluate_folders(pred_dir: str | Path, label_dir: str | Path, out_dir: str |
         suffix: what follows the case name in the prediction file names (``infer_seg.py --suffix``).
         cases: evaluate these cases only (the ones just predicted); the labels of other cases are
             ignored (an info line says which).  None: every label needs a prediction.
+        groups: {name: its cases}: each group's summary too, under ``groups`` (cross-validation folds).
+        extra: more entries of the summary (what produced the predictions).
         **options: metric options (``seg.metrics.DEFAULT_OPTIONS``).
 
     Raises:
@@ -129,6 +132,10 @@ def evaluate_folders(pred_dir: str | Path, label_dir: str | Path, out_dir: str |
             case_pictures[name] = pic
     acc = _accumulate(per_case, metrics)
     summary = report.build_summary(acc, names, opts)
+    if groups:
+        summary["groups"] = {g: report.build_summary(acc.subset(members), names, opts)["classes"]
+                             for g, members in groups.items()}
+    summary.update(extra or {})
     report.write_case_csv(out_dir / report.CASE_CSV, acc, names)
     report.write_summary_json(out_dir / report.SUMMARY_JSON, summary)
     boxplots = report.box_plots(out_dir, acc, names)

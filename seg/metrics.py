@@ -472,6 +472,13 @@ class MetricAccumulator:
     def labels(self) -> list[int]:
         return sorted({lab for _, lab, _ in self._rows})
 
+    def subset(self, cases: Sequence[str]) -> "MetricAccumulator":
+        """A new accumulator with the rows of ``cases`` only (e.g. one cross-validation fold's)."""
+        keep, out = set(cases), MetricAccumulator()
+        out.cases = [c for c in self.cases if c in keep]
+        out._rows = [row for row in self._rows if row[0] in keep]
+        return out
+
     def metrics(self) -> list[str]:
         names: dict[str, None] = {}
         for _, _, values in self._rows:

@@ -15,6 +15,7 @@ before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from pathlib import Path
@@ -29,11 +30,15 @@ from seg.checkpoint import load_for_inference
 from seg.dataset_json import read_dataset_json
 from seg.errors import DataError, UserError
 from seg.export import load_export
+from seg.files import write_bytes_atomic
 from seg.inference import DEFAULT_BATCH_SIZE, DEFAULT_BLEND, DEFAULT_OVERLAP, predict_image
+from seg.postprocess import Postprocessing
 from seg.preprocess import check_intensities, normalize, resample, target_grid
 
 logger = logging.getLogger(__name__)
 
+#: beside the probabilities: the class names and label values of their channels (``seg.ensemble``)
+CLASSES_JSON = "classes.json"
 #: 'same': the input's format (DICOM-SEG for a DICOM series); 'dicom-seg': DICOM inputs only
 OUTPUT_FORMATS = ("same", "nii.gz", "nii", "nrrd", "mha", "seg.nrrd", "dicom-seg")
 _CHUNK = 16  # spatial slices per chunk in argmax/softmax over large volumes
@@ -69,12 +74,15 @@ class Predictor:
         blend: 'gaussian', 'hann' or 'constant'.
         output_device: where logits are accumulated (CPU keeps GPU memory to one batch).
         progress: per-window progress bar inside each case.
+        postprocessing: applied to the label maps ``predict_file`` writes (``seg.postprocess``).
     """
 
     def __init__(self, bundle, overlap: float = DEFAULT_OVERLAP, tta: bool | Sequence[int] = False,
                  batch_size: int = DEFAULT_BATCH_SIZE, blend: str = DEFAULT_BLEND,
-                 output_device: str | torch.device = "cpu", progress: bool = False) -> None:
+                 output_device: str | torch.device = "cpu", progress: bool = False,
+                 postprocessing: Postprocessing | None = None) -> None:
         self.bundle = bundle
+        self.postprocessing = postprocessing
         self.model = bundle.model.eval()
         self.spatial_dims = int(bundle.spatial_dims)
         self.patch_size = tuple(int(p) for p in bundle.patch_size)
@@ -125,6 +133,11 @@ class Predictor:
             (labels, probabilities): labels (X, Y, Z) / (X, Y) uint8 (uint16 above 256 classes);
             probabilities (K, *S) float32 on the input grid, or None.
         """
+        return _labels_and_probabilities(self.input_grid_logits(image, spacing), return_probabilities)
+
+    def input_grid_logits(self, image: np.ndarray, spacing: Sequence[float] | None = None) -> torch.Tensor:
+        """Logits (K, *S) of a raw (C, *S) image on its own grid: normalised, resampled to the
+        checkpoint's spacing for the network, the logits resampled back (``predict_array``)."""
         self.check_input(image)
         shape = tuple(image.shape[1:])
         x = normalize(image, self.bundle.preprocessing)
@@ -134,7 +147,7 @@ class Predictor:
             x = resample(x, net_shape, mode="linear")
         logits = self.predict_logits(x)
         del x
-        return _labels_and_probabilities(to_input_grid(logits, shape), return_probabilities)
+        return to_input_grid(logits, shape)
 
     def _network_shape(self, shape: tuple[int, ...], spacing: Sequence[float] | None) -> tuple[int, ...]:
         """Grid size at the checkpoint's target spacing (axes it does not cover keep their size)."""
@@ -162,11 +175,22 @@ class Predictor:
         labels, probs = self.predict_array(image, meta.spacing, probabilities_path is not None)
         if probs is not None:
             io.write_image(probabilities_path, probs, meta)
-        values = self.label_values
-        if values != tuple(range(self.num_classes)):  # class indices -> the training files' values
-            labels = np.asarray(values)[labels]
-        segments = list(zip(self.bundle.class_names[1:], values[1:]))
-        return io.write_label(out_path, labels, meta, num_classes=max(values) + 1, segments=segments)
+        return write_labels(out_path, labels, meta, self.bundle.class_names, self.label_values,
+                            self.postprocessing)
+
+
+def write_labels(path: str | os.PathLike, labels: np.ndarray, meta: io.ImageMeta, class_names: Sequence[str],
+                 label_values: Sequence[int], postprocessing: Postprocessing | None = None) -> Path:
+    """Write class indices ``labels`` as the training files' ``label_values``, postprocessed when
+    ``postprocessing`` is given, with ``meta``'s geometry (``seg.io.write_label``; ``class_names``
+    name the segments of formats that hold names)."""
+    values = tuple(label_values)
+    if values != tuple(range(len(values))):  # class indices -> the training files' values
+        labels = np.asarray(values)[labels]
+    if postprocessing is not None:
+        labels = postprocessing.apply(labels)
+    segments = list(zip(class_names[1:], values[1:]))
+    return io.write_label(path, labels, meta, num_classes=max(values) + 1, segments=segments)
 
 
 def to_input_grid(logits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -179,21 +203,55 @@ def to_input_grid(logits: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
 
 def labels_from_logits(logits: torch.Tensor) -> np.ndarray:
     """Class indices of (K, *S) logits (chunked argmax; one channel: the sign of a sigmoid logit)."""
-    return _labels_and_probabilities(logits, False)[0]
-
-
-def _labels_and_probabilities(logits: torch.Tensor, with_probs: bool
-                              ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Argmax (and softmax, in place) of (K, *S) logits, chunked along the first spatial axis."""
     k = logits.shape[0]
     labels = np.empty(tuple(logits.shape[1:]), dtype=io.label_dtype(np.zeros(0), max(k, 2)))
     for i in range(0, logits.shape[1], _CHUNK):
         chunk = logits[:, i:i + _CHUNK]
-        lab = (chunk[0] > 0) if k == 1 else chunk.argmax(0)  # one channel: sigmoid logit of foreground
-        labels[i:i + _CHUNK] = lab.numpy()
-        if with_probs:
-            chunk.copy_(torch.sigmoid(chunk) if k == 1 else torch.softmax(chunk, 0))
-    return labels, (logits.numpy() if with_probs else None)
+        labels[i:i + _CHUNK] = ((chunk[0] > 0) if k == 1 else chunk.argmax(0)).numpy()
+    return labels
+
+
+def labels_from_probabilities(probabilities: torch.Tensor) -> np.ndarray:
+    """Class indices of (K, *S) probabilities (argmax; one channel: foreground above 0.5)."""
+    return labels_from_logits(probabilities - 0.5 if probabilities.shape[0] == 1 else probabilities)
+
+
+def probabilities_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the classes of (K, *S) logits, in place and chunked (one channel: sigmoid)."""
+    for i in range(0, logits.shape[1], _CHUNK):
+        chunk = logits[:, i:i + _CHUNK]
+        chunk.copy_(torch.sigmoid(chunk) if logits.shape[0] == 1 else torch.softmax(chunk, 0))
+    return logits
+
+
+def _labels_and_probabilities(logits: torch.Tensor, with_probs: bool
+                              ) -> tuple[np.ndarray, np.ndarray | None]:
+    """Argmax (and then softmax, in place) of (K, *S) logits."""
+    labels = labels_from_logits(logits)
+    return labels, (probabilities_(logits).numpy() if with_probs else None)
+
+
+def read_probability_classes(folder: str | os.PathLike) -> tuple[list[str], list[int]]:
+    """(class names, label values) of the channels of a probability folder (its ``classes.json``;
+    without one, ``class_<k>`` and the channel indices of its first file).
+
+    Raises:
+        DataError: a folder without probability files, or a malformed ``classes.json``.
+    """
+    path = Path(folder) / CLASSES_JSON
+    if path.is_file():
+        classes = io.read_json(path, CLASSES_JSON)
+        names, values = (classes.get(k) if isinstance(classes, dict) else None for k in ("class_names", "label_values"))
+        if not (isinstance(names, list) and isinstance(values, list) and len(names) == len(values) >= 2
+                and all(isinstance(v, int) and v >= 0 for v in values)):
+            raise DataError("needs 'class_names' and 'label_values', two lists of one entry per channel", path)
+        return [str(n) for n in names], values
+    files = sorted(io.label_files(folder).values())
+    if not files:
+        raise DataError("holds no probability files", folder)
+    k = io.read_image(files[0])[0].shape[0]
+    logger.info("%s: no %s, channels taken as label values 0..%d", folder, CLASSES_JSON, k - 1)
+    return [f"class_{i}" for i in range(k)], list(range(k))
 
 
 def check_suffix(suffix: str) -> str:
@@ -333,6 +391,9 @@ def predict_folder(predictor: Predictor, inputs: str | os.PathLike | Sequence[st
         Exception: anything but a ``UserError`` in a case is a bug and stops the run.
     """
     cases = checked_cases(inputs, out_dir, suffix, fmt, save_probabilities)
+    if save_probabilities:
+        classes = {"class_names": list(predictor.bundle.class_names), "label_values": list(predictor.label_values)}
+        write_bytes_atomic(Path(out_dir) / "probabilities" / CLASSES_JSON, json.dumps(classes, indent=2) + "\n")
     report = PredictionReport()
     for case in tqdm(cases, desc="cases", unit="case", disable=not progress):
         out = output_path(case, out_dir, suffix, fmt)

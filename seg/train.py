@@ -113,7 +113,7 @@ class DataBundle:
     val_index: list[int] | None = None  # their positions in val_cases (None: all, in order)
 
 
-def _paired_cases(cfg: Any) -> tuple[list, list | None]:
+def paired_cases(cfg: Any) -> tuple[list, list | None]:
     """(cases of the training folders, cases of the validation folders or None when there are none)."""
     d = cfg.data
     cases = ds.find_cases(resolve_data_path(cfg, d.images_dir), resolve_data_path(cfg, d.labels_dir),
@@ -135,7 +135,7 @@ def describe(cfg: Any, provenance: Provenance | None = None, progress: bool = Fa
     """``described_config`` of ``cfg`` (its ``data.root`` anchored to ``provenance.source``), and the
     rows that say where each described field came from (the first rows of the plan)."""
     def all_cases(described: Any) -> list:
-        train_cases, val_cases = _paired_cases(described)
+        train_cases, val_cases = paired_cases(described)
         return train_cases + (val_cases or [])
 
     cfg = anchored(cfg, provenance)
@@ -147,7 +147,10 @@ def find_data(cfg: Any) -> tuple[list, list]:
     """Find, pair, check and split the cases: (training cases, validation cases); ``cfg`` described
     (``described_config``)."""
     d = cfg.data
-    cases, val = _paired_cases(cfg)
+    if d.fold == "all":
+        raise ConfigError("data.fold='all' trains every fold in turn (train_seg.py, seg.crossval.train_folds); "
+                          "this step works on one fold: set data.fold=N")
+    cases, val = paired_cases(cfg)
     split = resolve_data_path(cfg, "root", d.split_file)
     if val is not None:
         train_cases, val_cases = cases, val

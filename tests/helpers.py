@@ -2,8 +2,12 @@
 PointRend options.  ``conftest.py`` puts this folder and the repository root on ``sys.path``."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
+import logging
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import SimpleITK as sitk
@@ -56,3 +60,21 @@ def point_options(**overrides):
     base = PointRendConfig(train_num_points=64, subdivision_num_points=512, image_features="none",
                            fine_stem_channels=0, coarse_pred_each_layer=False)
     return {**dataclasses.asdict(base), **overrides}
+
+
+@contextlib.contextmanager
+def captured(logger: str = "", level: int = logging.INFO) -> Iterator[tuple[list[str], io.StringIO]]:
+    """(messages logged by ``logger`` at ``level`` and above, what is printed to stderr) while the block runs."""
+    messages: list[str] = []
+    handler = logging.Handler(level)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    log = logging.getLogger(logger)
+    old = log.level
+    log.setLevel(level)
+    log.addHandler(handler)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            yield messages, err
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)
