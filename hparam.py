@@ -102,7 +102,7 @@ class TrainConfig:
     val_overlap: float = 0.25                    # sliding-window overlap during validation
     seed: int = 0                                # seeds splits, sampling, augmentation, init
     device: str = "auto"                         # 'auto', 'cpu', 'cuda', 'cuda:1', ...
-    amp: bool = True                             # mixed precision (CUDA only; ignored on CPU)
+    amp: bool = True                             # mixed precision on CUDA: bfloat16 autocast where the GPU has it, else float16 with loss scaling; CPU: float32
     output_dir: str = "runs/demo"                # checkpoints, logs, TensorBoard
     num_threads: int = 0                         # torch CPU threads; 0 = torch default
     max_minutes: float = 0.0                     # stop training after this wall-clock time (0 = off)

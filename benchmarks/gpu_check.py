@@ -11,9 +11,9 @@ part runs; the JSON report is rewritten after every part):
 1. training: ``seg.train.train`` with the default ``hparam.py`` configuration on the demo data,
    ``train.device=cuda train.amp=True`` for ``--iterations`` steps (one validation, at the end):
    steps/s (``train_log.csv``'s ``seconds``, over all steps and after the first tenth), peak CUDA
-   memory, the final mean validation Dice (``val_log.csv``), the precision (``seg.train.use_amp``:
-   ``torch.autocast`` on CUDA with its default dtype, and the dtype seen at the first convolution of
-   the first training step).
+   memory, the final mean validation Dice (``val_log.csv``), the precision (``seg.train.amp_dtype``:
+   bfloat16 autocast where the GPU has it, else float16 with a GradScaler; and the dtype seen at the
+   first convolution of the first training step).
 2. inference: the checkpoint (``seg.checkpoint.load_for_inference``) through ``seg.predict.Predictor``
    on CUDA and on CPU for ``--cases`` validation cases (read with ``seg.io``, the inference path of
    ``infer_seg.py``): seconds per case, peak CUDA memory, and the agreement of the two devices (max
@@ -75,7 +75,7 @@ from seg.files import write_bytes_atomic  # noqa: E402
 from seg.model import build_model  # noqa: E402
 from seg.predict import Predictor, labels_from_logits  # noqa: E402
 from seg.spec import model_config_from  # noqa: E402
-from seg.train import claim_output_dir, described_config, find_data, train, use_amp, with_iterations  # noqa: E402
+from seg.train import amp_dtype, claim_output_dir, described_config, find_data, train, with_iterations  # noqa: E402
 
 NO_CUDA = "gpu_check.py needs a CUDA GPU (torch.cuda.is_available() is False); --dry-run-cpu runs its logic on CPU"
 REPORT = "gpu_check.json"
@@ -223,9 +223,10 @@ def train_sets(check: Check, run_dir: Path, iterations: int, amp: bool, minutes:
 
 def precision(cfg: Any, device: torch.device) -> str:
     """What ``seg.train.forward_losses`` runs in: autocast (and its dtype) or float32."""
-    if use_amp(cfg, device):
-        return f"autocast {str(torch.get_autocast_dtype(device.type)).replace('torch.', '')} + GradScaler"
-    return f"float32 (train.amp={cfg.train.amp} on {device.type}: use_amp False)"
+    dtype = amp_dtype(cfg, device)
+    if dtype is not None:
+        return f"autocast {str(dtype).replace('torch.', '')}" + (" + GradScaler" if dtype == torch.float16 else "")
+    return f"float32 (train.amp={cfg.train.amp} on {device.type}: no autocast)"
 
 
 @contextlib.contextmanager

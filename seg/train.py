@@ -334,12 +334,21 @@ def build_training(spec: RunSpec, device: torch.device, model_factory: Any = Non
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
                                   fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp(cfg, device))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(cfg, device) == torch.float16)
     return model, optimizer, scheduler, scaler
 
 
+def amp_dtype(cfg: Any, device: torch.device) -> torch.dtype | None:
+    """The autocast precision of a training step: ``train.amp`` on CUDA gives bfloat16 where the GPU
+    has it (no loss scaling needed: float32's exponent range), else float16 with a GradScaler; None
+    (float32) on other devices or with ``train.amp=False``."""
+    if not cfg.train.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def use_amp(cfg: Any, device: torch.device) -> bool:
-    return bool(cfg.train.amp) and device.type == "cuda"
+    return amp_dtype(cfg, device) is not None
 
 
 class TrainForward(torch.nn.Module):
@@ -358,7 +367,8 @@ def forward_losses(model, batch, cfg, device) -> dict[str, torch.Tensor]:
     """The loss terms of ``batch``; ``model`` is the model or its DDP-wrapped ``TrainForward``."""
     images = batch["image"].to(device, non_blocking=True).float()
     labels = batch["label"].to(device, non_blocking=True).long()
-    with torch.autocast(device.type, enabled=use_amp(cfg, device)):
+    dtype = amp_dtype(cfg, device)
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return model(images, labels)
         return model.loss(model.forward_train(images, labels), labels)

@@ -363,3 +363,17 @@ def test_bad_input_one_line_error(tmp_path: Path, problem: str) -> None:
     if problem == "255":
         assert "255" in lines[0] and "label_remap" in lines[0]
     assert not (out / "last.pt").exists() and not (out / "best.pt").exists()
+
+
+def test_amp_precision_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.amp: bfloat16 on a CUDA device that has it (no loss scaling), float16 with a GradScaler
+    otherwise, float32 on CPU or when off (the device is only named: nothing runs on it)."""
+    from seg.train import amp_dtype
+
+    on, off = apply_overrides(Config(), ["train.amp=True"]), apply_overrides(Config(), ["train.amp=False"])
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert amp_dtype(on, cpu) is None and amp_dtype(off, cuda) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert amp_dtype(on, cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert amp_dtype(on, cuda) == torch.float16
