@@ -32,7 +32,7 @@ import datasets as ds
 from seg import io
 from seg.checkpoint import load_checkpoint, resume_config
 from seg.cli import EXIT_USER_ERROR, add_common_flags, one_line, run_cli
-from seg.config import Provenance, anchored, resolve_data_path, stored_config
+from seg.config import DEFAULT_CONFIG, Provenance, anchored, resolve_data_path, stored_config
 from seg.distributed import env_world_size
 from seg.ensemble import fold_checkpoints
 from seg.errors import ConfigError, DataError, UserError
@@ -174,8 +174,7 @@ class Fold:
 
     def data(self, key: str) -> Path:
         """A data folder of the fold's run (``data.root`` / its ``key``)."""
-        d = self.ckpt["config"]["data"]
-        return Path(d["root"]) / d[key]
+        return self.ckpt["root"] / self.ckpt["config"]["data"][key]
 
 
 def folds_of(out_dir: Path, unsafe_load: bool = False) -> tuple[list[Fold], Path]:
@@ -208,13 +207,15 @@ def _facts(k: int, path: Path, unsafe_load: bool) -> dict[str, Any]:
     if data.get("fold") != k:
         raise UserError(f"is the checkpoint of data.fold={data.get('fold')!r}, not of fold {k}", path)
     val, split = data.get("val_images_dir"), data.get("split_file")
-    if val is not None and (Path(data["root"]) / val).exists():
-        raise UserError(f"was validated on the folder {Path(data['root']) / val}, not on a fold of a split", path)
-    if split is None or not (Path(data["root"]) / split).is_file():
+    root = Path(data["root"])
+    root = (root if root.is_absolute() else DEFAULT_CONFIG.parent / root).resolve()  # older runs: relative to the repository
+    if val is not None and (root / val).exists():
+        raise UserError(f"was validated on the folder {root / val}, not on a fold of a split", path)
+    if split is None or not (root / split).is_file():
         raise UserError(f"was not trained on a fold of a split file (data.split_file={split!r})", path)
     return {key: ckpt.get(key) for key in ("config", "class_names", "iteration")} | {
         "label_values": ckpt.get("label_values") or list(range(len(ckpt["class_names"]))),
-        "split_file": Path(data["root"]) / split}
+        "root": root, "split_file": (root / split).resolve()}
 
 
 def summarise(out_dir: str | Path, finished_only: bool = False, device: Any = "cpu", progress: bool = True,
