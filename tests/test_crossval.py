@@ -293,3 +293,25 @@ def test_a_postprocessing_file_is_checked(tmp_path: Path) -> None:
             read_postprocessing(path)
     path.write_text('{"keep_largest_foreground": false, "keep_largest_labels": [2, 1]}')
     assert read_postprocessing(path) == Postprocessing(False, (2, 1), str(path))
+
+
+def test_a_fold_with_a_relative_data_root_is_the_same_split(crossval_run, tmp_path: Path) -> None:
+    """Runs from before checkpoints stored absolute paths hold data.root relative to the repository:
+    the summary resolves it as training does, so such a fold joins folds that store it absolute."""
+    import os
+    import shutil
+
+    from seg.config import DEFAULT_CONFIG
+    from seg.crossval import folds_of
+    from seg.files import torch_save_atomic
+
+    run = tmp_path / "run"
+    shutil.copytree(crossval_run["run"], run, ignore=shutil.ignore_patterns("crossval", "tensorboard"))
+    path = run / "fold_0" / "last.pt"
+    ckpt = torch.load(path, weights_only=False)
+    absolute = ckpt["config"]["data"]["root"]
+    ckpt["config"]["data"]["root"] = os.path.relpath(absolute, DEFAULT_CONFIG.parent)
+    torch_save_atomic(ckpt, path)
+    folds, split = folds_of(run)
+    assert split == (Path(absolute) / "splits.json").resolve()
+    assert folds[0].data("labels_dir") == folds[1].data("labels_dir")
