@@ -279,14 +279,18 @@ def anchored(cfg: Any, provenance: Provenance | None) -> Any:
     return out
 
 
-def resolve_data_path(cfg: Any, *parts: str | None) -> Path | None:
-    """Join data folders; a relative root resolves against the repository's folder (that of its
+def data_root(root: str | os.PathLike) -> Path:
+    """A ``data.root``: a relative one resolves against the repository's folder (that of its
     ``hparam.py``; ``anchored`` resolves it against another config file's folder first)."""
+    root = Path(root)
+    return root if root.is_absolute() else DEFAULT_CONFIG.parent / root
+
+
+def resolve_data_path(cfg: Any, *parts: str | None) -> Path | None:
+    """Join data folders under ``data.root`` (``data_root``)."""
     if any(p is None for p in parts):
         return None
-    root = Path(cfg.data.root)
-    if not root.is_absolute():
-        root = DEFAULT_CONFIG.parent / root
+    root = data_root(cfg.data.root)
     return root.joinpath(*parts[1:]) if parts[0] == "root" else root.joinpath(*parts)
 
 

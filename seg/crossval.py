@@ -32,7 +32,7 @@ import datasets as ds
 from seg import io
 from seg.checkpoint import load_checkpoint, resume_config
 from seg.cli import EXIT_USER_ERROR, add_common_flags, one_line, run_cli
-from seg.config import DEFAULT_CONFIG, Provenance, anchored, resolve_data_path, stored_config
+from seg.config import Provenance, anchored, data_root, resolve_data_path, stored_config
 from seg.distributed import env_world_size
 from seg.ensemble import fold_checkpoints
 from seg.errors import ConfigError, DataError, UserError
@@ -207,8 +207,7 @@ def _facts(k: int, path: Path, unsafe_load: bool) -> dict[str, Any]:
     if data.get("fold") != k:
         raise UserError(f"is the checkpoint of data.fold={data.get('fold')!r}, not of fold {k}", path)
     val, split = data.get("val_images_dir"), data.get("split_file")
-    root = Path(data["root"])
-    root = (root if root.is_absolute() else DEFAULT_CONFIG.parent / root).resolve()  # older runs: relative to the repository
+    root = data_root(data["root"]).resolve()  # older runs stored it relative to the repository
     if val is not None and (root / val).exists():
         raise UserError(f"was validated on the folder {root / val}, not on a fold of a split", path)
     if split is None or not (root / split).is_file():

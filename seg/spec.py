@@ -229,21 +229,11 @@ def _frozen_type(cls: type) -> type:
 
 def freeze(cfg: Any) -> Any:
     """A frozen deep copy of dataclass ``cfg``: no field of it or of its nested dataclasses can be
-    assigned.  ``thaw`` gives a mutable copy back (a new request made from it)."""
+    assigned (to change a run, change the request and resolve it again)."""
     if type(cfg) in _FROZEN.values():
         return cfg
     out = object.__new__(_frozen_type(type(cfg)))
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
         object.__setattr__(out, f.name, freeze(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value))
-    return out
-
-
-def thaw(cfg: Any) -> Any:
-    """A mutable deep copy of a config, frozen or not (a request to change and resolve again)."""
-    cls = type(cfg).__mro__[1] if type(cfg) in _FROZEN.values() else type(cfg)
-    out = object.__new__(cls)
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        object.__setattr__(out, f.name, thaw(value) if dataclasses.is_dataclass(value) else copy.deepcopy(value))
     return out
