@@ -68,12 +68,11 @@ class PointRendConfig:
     importance_sample_ratio: float = 0.75        # beta: share of N taken by uncertainty
     subdivision_steps: int | None = None         # None: until the input resolution is reached
     subdivision_num_points: int | str = "auto"   # points re-rendered per subdivision step; auto: 3/64 of the patch cells in 3D (6144 at 64x64x32), 1/4 in 2D
-    in_features: list[str] | None = None         # backbone levels read by the point head; None: the level of stride closest to 4
+    in_features: list[str] | None = None         # learned levels read by the point head (backbone levels, input stages 'input_s2', ...); None: the levels of stride closest to 4 and, when finer, 2 (ConvNeXt: its first stage and input_s2)
     num_fc: int = 3                              # point head hidden layers
     fc_dim: int = 256                            # point head width
     coarse_pred_each_layer: bool = True          # re-concatenate coarse logits at every layer
     image_features: str = "cube"                 # input intensities fed to the point head: 'none' (as detectron2), 'point', 'neighbourhood' (point + face neighbours), 'cube' (3^d around it), 'cube5' (5^d)
-    fine_stem_channels: int = 16                 # >0: a light learned stride-2 branch on the input, one more point-head feature level (0: off, as detectron2)
 
 
 @dataclass
@@ -83,6 +82,7 @@ class ModelConfig:
     pretrained: str | None = None                # local path to 2D ImageNet weights (inflated in 3D)
     head: str = "unet"                           # coarse head: 'unet' (U-Net decoder, input stages, deep supervision; options: heads/unet.py), 'deeplab' (ASPP, stride 8) or 'mask' (7^d MLP); = seg.model.DEFAULT_HEAD (tested)
     head_kwargs: dict[str, Any] = field(default_factory=dict)      # e.g. {"output_stride": 1} (unet), {"output_stride": 8} (deeplab)
+    input_stages: list[int] = field(default_factory=lambda: [16])  # widths of learned conv stages on the input at strides 2, 4, ... finer than the backbone's finest level (ConvNeXt: one, at stride 2): the U-Net's finest skip and the point head's finest level; narrow because at stride 2 a stage and its decoder stage cost most of the head (twice the width: ~1.6x slower); [] for none
     pointrend: PointRendConfig = field(default_factory=PointRendConfig)
 
 

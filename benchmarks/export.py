@@ -43,6 +43,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from seg.checkpoint import FORMAT_VERSION  # noqa: E402
+
 PATCHES = {3: (40, 56, 40), 2: (40, 56)}
 
 
@@ -61,10 +63,11 @@ def default_checkpoint(dims: int, path: Path) -> Path:
         subdivision_num_points=plan_subdivision_points(patch, train_points)))
     config = dict(spatial_dims=dims, in_channels=1, num_classes=3, backbone=cfg.model.backbone,
                   backbone_kwargs=backbone_options(cfg.model.backbone, cfg.model.backbone_kwargs), head=cfg.model.head,
-                  head_kwargs=dict(cfg.model.head_kwargs), pointrend=pointrend)
+                  head_kwargs=dict(cfg.model.head_kwargs), pointrend=pointrend,
+                  input_stages=list(cfg.model.input_stages))
     torch.manual_seed(0)
     model = build_model(**config)
-    torch.save({"format_version": 1, "model": model.state_dict(), "model_config": config,
+    torch.save({"format_version": FORMAT_VERSION, "model": model.state_dict(), "model_config": config,
                 "spatial_dims": dims, "patch_size": patch, "slice_axis": 2 if dims == 2 else None,
                 "preprocessing": Preprocessing("zscore").to_dict(),
                 "class_names": ["background", "anterior", "posterior"], "in_channels": 1,
@@ -125,12 +128,12 @@ def models_part() -> None:
             for head in list_heads():
                 config = dict(spatial_dims=dims, in_channels=1, num_classes=3, backbone=backbone,
                               backbone_kwargs={}, head=head, head_kwargs={},
-                              pointrend=point_options(image_features="cube", fine_stem_channels=8,
+                              pointrend=point_options(image_features="cube",
                                                       fc_dim=32, subdivision_num_points=256))
                 torch.manual_seed(0)
                 model = build_model(**config)
                 tmp = Path(tempfile.mkdtemp(prefix="export-models-"))
-                torch.save({"format_version": 1, "model": model.state_dict(), "model_config": config,
+                torch.save({"format_version": FORMAT_VERSION, "model": model.state_dict(), "model_config": config,
                             "spatial_dims": dims, "patch_size": (32,) * dims, "slice_axis": None,
                             "preprocessing": Preprocessing("zscore").to_dict(),
                             "class_names": ["bg", "a", "b"], "in_channels": 1}, tmp / "model.pt")

@@ -1,9 +1,11 @@
 """What a head reads and returns: one contract for every head.
 
 A head reads the model's feature dict, described by its ``feature_info`` (name, channels, per-axis
-stride, fine to coarse): the input's own levels first (``INPUT``, the image itself at stride 1, and
-``FINE_STEM``, the model's learned stride-2 branch on the input when it has one), then the
-backbone's levels.  Every head returns a ``HeadOutput``, whatever the mode.
+stride, fine to coarse): the input's own levels first (``INPUT``, the image itself at stride 1, then
+the model's learned input stages ``input_s2``, ``input_s4``, ... at the strides finer than the
+backbone's finest level), then the backbone's levels.  A head names the levels it reads in its
+``in_features`` attribute (the model builds no input stage that nothing reads), and returns a
+``HeadOutput``, whatever the mode.
 """
 from __future__ import annotations
 
@@ -17,10 +19,17 @@ from seg.errors import ConfigError
 
 #: the input image as a feature level (stride 1); heads that read the input read it under this name
 INPUT = "input"
-#: the model's learned stride-2 branch on the input (``seg.model.FineStem``), when it has one
-FINE_STEM = "fine_stem"
-#: the levels the model publishes from the input, beside the backbone's
-INPUT_LEVELS = (INPUT, FINE_STEM)
+
+
+def input_stage_name(stride: Sequence[int]) -> str:
+    """The name of the model's learned input stage at ``stride`` (``input_s2`` at stride 2)."""
+    return f"{INPUT}_s{max(stride)}"
+
+
+def is_input_level(name: str) -> bool:
+    """Whether ``name`` is one of the levels the model publishes from the input (the input itself
+    and its learned stages), as opposed to a backbone level."""
+    return name == INPUT or name.startswith(INPUT + "_s")
 
 
 class FeatureInfo(NamedTuple):
@@ -55,9 +64,14 @@ def nearest_level(feature_info: Sequence[FeatureInfo], target_stride: float) -> 
 
 
 def backbone_levels(feature_info: Sequence[FeatureInfo]) -> list[FeatureInfo]:
-    """The backbone's levels of a declaration: all but the input's own (``INPUT_LEVELS``); the
-    levels a head chooses among by stride."""
-    return [f for f in feature_info if f.name not in INPUT_LEVELS]
+    """The backbone's levels of a declaration: all but the input's own (``is_input_level``)."""
+    return [f for f in feature_info if not is_input_level(f.name)]
+
+
+def learned_levels(feature_info: Sequence[FeatureInfo]) -> list[FeatureInfo]:
+    """Every learned level of a declaration, fine to coarse: the input stages and the backbone's
+    (all but the raw ``INPUT``); the levels a decoder or the point head chooses among by stride."""
+    return [f for f in feature_info if f.name != INPUT]
 
 
 def input_level(feature_info: Sequence[FeatureInfo], reader: str) -> FeatureInfo:

@@ -86,6 +86,7 @@ class DeepLabHead(nn.Module):
 
     Attributes:
         output_stride: per-axis stride of the coarse logits.
+        in_features: the names of the levels it reads.
     """
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, spatial_dims: int,
@@ -102,6 +103,7 @@ class DeepLabHead(nn.Module):
         low = nearest_level(feature_info, output_stride) if fuse else deep
         self.low_name = None if low.name == deep.name else low.name
         self.output_stride = tuple(low.stride) if self.low_name else tuple(deep.stride)
+        self.in_features = [deep.name] + ([self.low_name] if self.low_name else [])
         width = channels
         if self.low_name:
             self.low_proj = conv_norm_act(spatial_dims, low.channels, low_level_channels, 1,

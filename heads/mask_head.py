@@ -48,6 +48,9 @@ class CoarseMaskHead(nn.Module):
         pooler_resolution: side of the sampled grid (14); must be even.
         conv_dim: channels of the stride-2 conv (None: 12544 // 7^d, see module docstring).
         fc_dim, num_fc: FC trunk (1024, 2).
+
+    Attributes:
+        in_features: the names of the levels it reads (one).
     """
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, spatial_dims: int,
@@ -61,6 +64,7 @@ class CoarseMaskHead(nn.Module):
             raise ConfigError(unknown_name_message("mask head in_feature", in_feature, by_name))
         level = nearest_level(backbone_levels(feature_info), 4) if in_feature is None else by_name[in_feature]
         self.in_feature, self.spatial_dims = level.name, spatial_dims
+        self.in_features = [level.name]
         self.num_classes = num_classes
         self.pooler_size = (pooler_resolution,) * spatial_dims
         self.output_size = (pooler_resolution // 2,) * spatial_dims

@@ -6,13 +6,11 @@ structure a few voxels thick.  U-Nets win such tasks because their last decoder 
 full-resolution input.  This head keeps the backbone as the encoder and adds what a U-Net has and
 the backbone lacks:
 
-* ``input stages``: light conv stages on the *input* (the model's ``input`` level, stride 1, read
-  from the feature dict like any other level) at the strides finer than the backbone's
-  finest level and not finer than the logits (stride 2, or 1 and 2, for ConvNeXt), nnU-Net's
-  first encoder stages in miniature (two 3^d conv-norm-LeakyReLU each, the first strided; narrow
-  by default (``input_channels``): at stride 2 this stage and its decoder stage cost most of the
-  head's FLOPs; twice the default width there made backbone + head about 1.6x slower on a 40x56x40
-  patch);
+* the model's learned input stages (``input_s2``, ...: ``seg.model.InputStages``, two 3^d
+  conv-norm-LeakyReLU each, the first strided, nnU-Net's first encoder stages in miniature) as
+  skip levels at the strides finer than the backbone's finest level, read from the feature dict
+  like any other level; with ``output_stride=1`` the head adds its own stage on the input at
+  stride 1 (``stride1_channels`` wide);
 * a decoder: from the deepest level, upsample x2 (trilinear), concatenate the next finer level
   (backbone level or input stage), two 3^d conv-norm-LeakyReLU; the width of each decoder stage is
   its skip's width (capped by ``max_channels``);
@@ -38,33 +36,23 @@ import torch.nn as nn
 from seg import ops
 from seg.errors import ConfigError
 
-from .base import INPUT, FeatureInfo, HeadOutput, backbone_levels, input_level
+from .base import INPUT, FeatureInfo, HeadOutput, input_level, learned_levels
 from .registry import HEADS
-
-
-def conv_block(spatial_dims: int, cin: int, cout: int, stride: Sequence[int] | int = 1,
-               norm: str = "instance") -> nn.Sequential:
-    """Two 3^d conv -> norm -> LeakyReLU(0.01) (the first with ``stride``), as nnU-Net's stages."""
-    def one(ci: int, s) -> list[nn.Module]:
-        return [ops.conv(spatial_dims, ci, cout, 3, stride=s, bias=False),
-                ops.norm(norm, spatial_dims, cout, num_groups=max(1, cout // 8)),
-                nn.LeakyReLU(0.01, inplace=True)]
-    return nn.Sequential(*one(cin, stride), *one(cout, 1))
 
 
 @HEADS.register("unet")
 class UNetHead(nn.Module):
-    """U-Net decoder over the backbone levels plus light input stages (module docstring).
+    """U-Net decoder over the model's learned levels (module docstring).
 
     Args:
-        feature_info: the model's levels, fine to coarse (``heads.base``): the ``input`` level (its
-            channels feed the input stages) and the backbone's (per-axis strides powers of two);
-            the model's ``fine_stem`` level, if any, is not read.
+        feature_info: the model's levels, fine to coarse (``heads.base``): the ``input`` level (read
+            only with ``output_stride=1``), the input stages and the backbone's levels (per-axis
+            strides powers of two).
         num_classes: K.
         spatial_dims: 2 or 3.
-        output_stride: stride of the logits: 1, 2, or any finer-or-equal power of two of a level.
-        input_channels: widths of the input stages at strides 1, 2, 4, ... below the backbone's
-            finest level (the stages finer than ``output_stride`` are not built).
+        output_stride: stride of the logits: 1, or the stride of a learned level.
+        stride1_channels: width of the head's own stage on the input at stride 1 (built only with
+            ``output_stride=1``).
         max_channels: cap on decoder widths.
         norm: normalisation ('instance' as nnU-Net; 'group', 'batch').
         deep_supervision: coarser decoder stages that also predict during training (at most
@@ -72,62 +60,46 @@ class UNetHead(nn.Module):
 
     Attributes:
         output_stride: per-axis stride of the coarse logits.
+        in_features: the names of the levels it reads.
     """
 
     def __init__(self, feature_info: Sequence[FeatureInfo], num_classes: int, spatial_dims: int,
-                 output_stride: int = 2, input_channels: Sequence[int] = (16, 16),
-                 max_channels: int = 320, norm: str = "instance", deep_supervision: int = 2) -> None:
+                 output_stride: int = 2, stride1_channels: int = 16, max_channels: int = 320,
+                 norm: str = "instance", deep_supervision: int = 2) -> None:
         super().__init__()
         d = spatial_dims
         in_channels = input_level(feature_info, "the unet head").channels
-        feature_info = backbone_levels(feature_info)
-        finest = tuple(feature_info[0].stride)
+        learned = learned_levels(feature_info)
         if output_stride < 1 or output_stride & (output_stride - 1):
             raise ConfigError(f"unet head output_stride must be a power of two, got {output_stride}")
-        for level in feature_info:
+        for level in learned:
             if any(s & (s - 1) for s in level.stride):
                 raise ConfigError(f"unet head needs power-of-two strides, level {level.name!r} "
                                   f"has {level.stride}")
-        # input stages: strides 1, 2, ... up to (not including) the finest backbone level; a
-        # per-axis stride stops growing on an axis the backbone does not reduce
-        stages: list[tuple[int, ...]] = []
-        stride = (1,) * d
-        while any(s < f for s, f in zip(stride, finest)):
-            stages.append(stride)
-            stride = tuple(min(2 * s, f) for s, f in zip(stride, finest))
-        widths = list(input_channels)
-        if len(widths) < len(stages):
-            raise ConfigError(f"unet head input_channels {tuple(input_channels)} gives {len(widths)} "
-                              f"input stages; this backbone needs {len(stages)} (strides "
-                              f"{[s for s in stages]})")
-        self.input_stages = nn.ModuleList()
-        levels: list[tuple[int, tuple[int, ...]]] = []   # (channels, stride), fine to coarse
-        cin, prev = in_channels, (1,) * d
-        for width, st in zip(widths, stages):
-            if max(st) < output_stride:          # finer than the logits: not computed
-                continue
-            step = tuple(a // b for a, b in zip(st, prev))
-            self.input_stages.append(conv_block(d, cin, width, step, norm))
-            levels.append((width, st))
-            cin, prev = width, st
-        self.level_names = [f.name for f in feature_info]
-        levels += [(f.channels, tuple(f.stride)) for f in feature_info]
-        keep = [i for i, (_, st) in enumerate(levels) if max(st) >= output_stride]
-        if not keep or max(levels[keep[0]][1]) != output_stride:
+        keep = [f for f in learned if max(f.stride) >= output_stride]
+        self.stride1 = None
+        if output_stride == 1:                   # the head's own full-resolution stage
+            self.stride1 = ops.conv_block(d, in_channels, stride1_channels, 1, norm)
+        elif not keep or max(keep[0].stride) != output_stride:
             raise ConfigError(f"unet head output_stride {output_stride} is none of this model's "
-                              f"strides {[max(st) for _, st in levels]}")
-        self.first = keep[0]                     # the decoder stops at this level
-        self.output_stride = levels[self.first][1]
+                              f"strides {[max(f.stride) for f in learned]} (finer strides come "
+                              "from model.input_stages)")
+        self.level_names = [f.name for f in keep]
+        self.in_features = ([INPUT] if self.stride1 is not None else []) + self.level_names
+        levels = [(f.channels, tuple(f.stride)) for f in keep]
+        if self.stride1 is not None:
+            levels.insert(0, (stride1_channels, (1,) * d))
+        self.output_stride = levels[0][1]
         # decoder: deepest level upwards; stage i fuses (upsampled previous, skip level i)
         self.decoder = nn.ModuleList()
         self.classifiers = nn.ModuleList()
         up_channels = levels[-1][0]
-        self.decoder_levels = list(range(len(levels) - 2, self.first - 1, -1))
+        self.decoder_levels = list(range(len(levels) - 2, -1, -1))
         widths_out = []
         for i in self.decoder_levels:
             skip = levels[i][0]
             width = min(max_channels, skip)
-            self.decoder.append(conv_block(d, up_channels + skip, width, 1, norm))
+            self.decoder.append(ops.conv_block(d, up_channels + skip, width, 1, norm))
             widths_out.append(width)
             up_channels = width
         if not self.decoder_levels:              # output at the deepest level: no decoding
@@ -142,11 +114,9 @@ class UNetHead(nn.Module):
 
     def forward(self, features: dict[str, torch.Tensor]) -> HeadOutput:
         """Logits (N, K, *S / output_stride); the aux logits in training with deep supervision."""
-        maps, x = [], features[INPUT]
-        for stage in self.input_stages:
-            x = stage(x)
-            maps.append(x)
-        maps += [features[name] for name in self.level_names]
+        maps = [features[name] for name in self.level_names]
+        if self.stride1 is not None:
+            maps.insert(0, self.stride1(features[INPUT]))
         x = maps[-1]
         outs = []
         for i, block in zip(self.decoder_levels, self.decoder):

@@ -37,7 +37,11 @@ from seg.spec import InferenceSpec, RunSpec
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2: one learned branch on the input (``seg.model.InputStages``) where format 1 had two (the U-Net
+#: head's stride-2 stage and the point head's ``FineStem``); a format-1 model has no format-2 form
+FORMAT_VERSION = 2
+#: the last commit that writes and reads format-1 checkpoints
+FORMAT_1_COMMIT = "b324894"
 REQUIRED = ("model", "model_config", "spatial_dims", "patch_size", "preprocessing", "class_names")
 
 
@@ -55,13 +59,14 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return ckpt
 
 
-def upgrade_model_config(model_config: dict[str, Any]) -> dict[str, Any]:
-    """``model_config`` of a format-1 checkpoint (PointRend options without 'enabled' and
-    'in_features', which then meant: on, the stride-4 level) in the current form."""
-    out = dict(model_config)
-    if out.get("pointrend"):
-        out["pointrend"] = {"enabled": True, "in_features": None, **out["pointrend"]}
-    return out
+def check_format(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """Refuse, in one line, a checkpoint whose model this version cannot rebuild."""
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(f"checkpoint format {version}; this version reads {FORMAT_VERSION}: a "
+                        "format-1 model has two learned input branches where this one has one, "
+                        "so its weights do not convert; run it with the version that wrote it "
+                        f"(git checkout {FORMAT_1_COMMIT}) or train it again", path)
 
 
 @dataclasses.dataclass
@@ -88,7 +93,8 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
     """Rebuild the model of a checkpoint in eval mode on ``device`` (``unsafe_load``: see
     ``load_checkpoint``)."""
     ckpt = load_checkpoint(path, unsafe_load=unsafe_load)
-    spec = InferenceSpec.from_dict(ckpt, upgrade_model_config(ckpt["model_config"]))
+    check_format(ckpt, path)
+    spec = InferenceSpec.from_dict(ckpt, ckpt["model_config"])
     model = build_model(**spec.model_config)
     try:
         model.load_state_dict(ckpt["model"])
@@ -150,6 +156,7 @@ def restore(path: str, model, optimizer, scheduler, scaler, unsafe_load: bool = 
     """Load model, optimiser, scheduler, scaler and RNG states; return (iteration, best).
     ``ckpt``: the checkpoint of ``path`` if already read; ``unsafe_load``: see ``load_checkpoint``."""
     ckpt = ckpt if ckpt is not None else load_checkpoint(path, unsafe_load=unsafe_load)
+    check_format(ckpt, path)
     for name, obj in (("model", model), ("optimizer", optimizer), ("scheduler", scheduler),
                       ("scaler", scaler)):
         if name not in ckpt:

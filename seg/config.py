@@ -225,7 +225,8 @@ def validate_config(cfg: Any) -> None:
         (m.pointrend.image_features in ("none", "point", "neighbourhood", "cube", "cube5"),
          "model.pointrend.image_features must be none, point, neighbourhood, cube or cube5, "
          f"got {m.pointrend.image_features!r}"),
-        (m.pointrend.fine_stem_channels >= 0, "model.pointrend.fine_stem_channels must be >= 0"),
+        (all(isinstance(w, int) and w > 0 for w in m.input_stages),
+         f"model.input_stages must be positive widths, got {m.input_stages!r}"),
     ]
     for ok, message in checks:
         if not ok:

@@ -7,9 +7,11 @@ checkpoint, rebuilds the model.  Training and inference are explicit, typed path
 
 One head contract (``heads.base``): the model publishes the input as feature levels beside the
 backbone's, in one feature dict described by ``SegmentationModel.feature_info`` (``input``: the
-image itself at stride 1; ``fine_stem``: the ``FineStem`` output at stride 2, when the point head
-uses one; then the backbone's levels).  The coarse head and the point head read only that dict, and
-every coarse head returns a ``heads.HeadOutput`` (logits plus a list of auxiliary logits).
+image itself at stride 1; ``input_s2``, ...: the learned ``InputStages`` at the strides finer than
+the backbone's finest level; then the backbone's levels).  The coarse head and the point head read
+only that dict (a U-Net decoder takes ``input_s2`` as its finest skip, the point head samples it as
+its finest level: one learned branch on the input serves both), and every coarse head returns a
+``heads.HeadOutput`` (logits plus a list of auxiliary logits).
 """
 from __future__ import annotations
 
@@ -22,8 +24,8 @@ import torch
 import torch.nn as nn
 
 from backbones import build_backbone
-from heads import (FINE_STEM, INPUT, INPUT_LEVELS, FeatureInfo, StandardPointHead, as_feature_info,
-                   backbone_levels, build_head, nearest_level)
+from heads import (INPUT, FeatureInfo, StandardPointHead, as_feature_info, backbone_levels,
+                   build_head, input_stage_name, is_input_level, learned_levels, nearest_level)
 from seg import ops
 from seg import pointrend as pr
 from seg.errors import ConfigError
@@ -36,13 +38,16 @@ logger = logging.getLogger(__name__)
 #: The backbone and coarse head a model gets when none is named: ``hparam.ModelConfig``'s defaults
 #: (``tests/test_defaults.py`` keeps the two equal).
 DEFAULT_BACKBONE, DEFAULT_HEAD = "convnext_atto", "unet"
+#: Widths of the learned input stages (``InputStages``) when none are given: ``hparam.ModelConfig``'s
+#: ``input_stages`` (tested equal).
+DEFAULT_INPUT_STAGES = (16,)
 
 #: The point-head options, named as ``hparam.PointRendConfig`` names them.  Their defaults live
 #: there and only there (per-patch point budgets are planned from the data, ``seg.plan``); this
 #: module takes a complete set of values.
 POINTREND_OPTIONS = ("enabled", "train_num_points", "oversample_ratio", "importance_sample_ratio",
                      "subdivision_steps", "subdivision_num_points", "in_features", "num_fc", "fc_dim",
-                     "coarse_pred_each_layer", "image_features", "fine_stem_channels")
+                     "coarse_pred_each_layer", "image_features")
 
 
 @dataclasses.dataclass
@@ -91,32 +96,50 @@ def resolve_pointrend_options(pointrend: Any) -> dict | None:
     return options if options["enabled"] else None
 
 
-class FineStem(nn.Module):
-    """A light stride-2 feature branch on the input for the point head (our extension); the model
-    publishes its output as the ``fine_stem`` level of its feature dict.
+def input_stage_strides(finest: Sequence[int]) -> list[tuple[int, ...]]:
+    """The strides of the input stages under a backbone whose finest level has stride ``finest``:
+    2, 4, ... per axis (an axis stops at its ``finest`` stride), up to but not including it."""
+    strides, stride = [], (1,) * len(finest)
+    while True:
+        stride = tuple(min(2 * s, f) for s, f in zip(stride, finest))
+        if stride == tuple(finest):
+            return strides
+        strides.append(stride)
 
-    The backbone's finest level is stride 4; a structure two voxels thick falls between its cells.
-    Two 3^d convolutions (the first with stride 2), each with GroupNorm and ReLU, give the point
-    head learned features at twice that resolution for about the cost of one backbone block.
+
+class InputStages(nn.Module):
+    """Learned stages on the input at the strides finer than the backbone's finest level.
+
+    The backbones open with a stride-4 patchify (ConvNeXt): a structure two voxels thick falls
+    between its cells.  These stages (two 3^d conv-norm-LeakyReLU each, the first strided: nnU-Net's
+    first encoder stages in miniature) give the fine levels back: the U-Net decoder takes them as
+    skips and the point head samples them, one branch for both.
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: input channels.
-        channels: output channels.
+        widths: channels of each stage, fine to coarse.
+        strides: per-axis stride of each stage (``input_stage_strides``), as many as ``widths``.
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, channels: int) -> None:
+    def __init__(self, spatial_dims: int, in_channels: int, widths: Sequence[int],
+                 strides: Sequence[Sequence[int]]) -> None:
         super().__init__()
-        groups = max(1, min(8, channels // 4))
-        self.layers = nn.Sequential(
-            ops.conv(spatial_dims, in_channels, channels, 3, stride=2, bias=False),
-            nn.GroupNorm(groups, channels), nn.ReLU(inplace=True),
-            ops.conv(spatial_dims, channels, channels, 3, bias=False),
-            nn.GroupNorm(groups, channels), nn.ReLU(inplace=True))
+        self.names = [input_stage_name(st) for st in strides]
+        self.stages = nn.ModuleList()
+        cin, prev = in_channels, (1,) * spatial_dims
+        for width, st in zip(widths, strides):
+            step = tuple(a // b for a, b in zip(st, prev))
+            self.stages.append(ops.conv_block(spatial_dims, cin, width, step))
+            cin, prev = width, tuple(st)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, C_in, *S) -> (N, channels, *ceil(S / 2))."""
-        return self.layers(x)
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(N, C_in, *S) -> {``input_s2``: (N, widths[0], *S / 2), ...}."""
+        out, x = {}, images
+        for name, stage in zip(self.names, self.stages):
+            x = stage(x)
+            out[name] = x
+        return out
 
 
 class SegmentationModel(nn.Module):
@@ -131,21 +154,20 @@ class SegmentationModel(nn.Module):
         point_head: StandardPointHead or None.
         pointrend: resolved PointRend options (``resolve_pointrend_options``) or None.
         ignore_index: ignored label value.
-        fine_stem: optional ``FineStem`` on the input, published as the ``fine_stem`` level (the
-            point head reads it after its ``in_features``).
+        input_stages: ``InputStages`` on the input (their levels are published beside the input's)
+            or None.
         feature_info: the levels of ``features(images)``, fine to coarse: ``input`` (stride 1),
-            ``fine_stem`` (stride 2, with a fine stem), then the backbone's
-            (``model_feature_info``).
+            the input stages', then the backbone's (``model_feature_info``).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, spatial_dims: int, num_classes: int,
                  point_head: nn.Module | None = None, pointrend: dict | None = None,
-                 ignore_index: int = pr.IGNORE_INDEX, fine_stem: nn.Module | None = None, *,
+                 ignore_index: int = pr.IGNORE_INDEX, input_stages: nn.Module | None = None, *,
                  feature_info: Sequence[FeatureInfo]) -> None:
         super().__init__()
         self.spatial_dims = check_spatial_dims(spatial_dims)
         self.backbone, self.head, self.point_head = backbone, head, point_head
-        self.fine_stem = fine_stem
+        self.input_stages = input_stages
         self.num_classes, self.ignore_index = num_classes, ignore_index
         self.pointrend = pointrend
         self.last_point_evaluations = 0  # per sample, set by forward_infer
@@ -153,23 +175,20 @@ class SegmentationModel(nn.Module):
 
     def features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The feature dict every head reads: (N, C_in, *S) -> {name: (N, C, *S / stride)} in
-        ``feature_info``'s order (the input, the fine stem's output, the backbone's levels)."""
+        ``feature_info``'s order (the input, its learned stages, the backbone's levels)."""
         if images.ndim != self.spatial_dims + 2:
             raise ValueError(f"expected (N, C, {self.spatial_dims} spatial axes), got "
                              f"{tuple(images.shape)}")
         backbone = self.backbone(images)
         levels = {INPUT: images}
-        if self.fine_stem is not None:
-            levels[FINE_STEM] = self.fine_stem(images)
+        if self.input_stages is not None:
+            levels.update(self.input_stages(images))
         return {**levels, **backbone}
 
     def _point_fn(self, features: dict[str, torch.Tensor], coarse: torch.Tensor) -> pr.PointFn:
-        """The point head at given coordinates: its ``in_features``, the fine stem's level, and the
-        input level at the ``image_features`` offsets, all read from ``features``."""
-        names = list(self.pointrend["in_features"])
-        if self.fine_stem is not None:
-            names.append(FINE_STEM)
-        fine = [features[name] for name in names]
+        """The point head at given coordinates: its ``in_features`` and the input level at the
+        ``image_features`` offsets, all read from ``features``."""
+        fine = [features[name] for name in self.pointrend["in_features"]]
         offsets = pr.image_offsets(self.pointrend["image_features"], self.spatial_dims)
         around = [(features[INPUT], offsets)] if offsets else []
         return lambda coords: pr.point_head_logits(self.point_head, fine, coarse, coords, around)
@@ -265,60 +284,78 @@ class SegmentationModel(nn.Module):
 
 
 def model_feature_info(backbone_info: Sequence[Any], spatial_dims: int, in_channels: int,
-                       fine_stem_channels: int = 0) -> list[FeatureInfo]:
-    """The levels of ``SegmentationModel.features``: the input at stride 1, the fine stem's output
-    at stride 2 (when ``fine_stem_channels``), then the backbone's declared levels.
+                       input_stages: Sequence[int] = ()) -> list[FeatureInfo]:
+    """The levels of ``SegmentationModel.features``: the input at stride 1, the input stages (as
+    many of ``input_stages``' widths as the backbone leaves strides for), then the backbone's.
 
     Raises:
-        ConfigError: a backbone level takes a name the input's levels use.
+        ConfigError: a backbone level takes a name of the input's levels.
     """
     info = as_feature_info(backbone_info, spatial_dims)
-    taken = [f.name for f in info if f.name in INPUT_LEVELS]
+    taken = [f.name for f in info if is_input_level(f.name)]
     if taken:
         raise ConfigError(f"backbone level {taken[0]!r}: the model publishes the input's levels "
-                          f"under {INPUT_LEVELS}; rename the backbone's level")
-    levels = [FeatureInfo(INPUT, in_channels, (1,) * spatial_dims)]
-    if fine_stem_channels:
-        levels.append(FeatureInfo(FINE_STEM, fine_stem_channels, (2,) * spatial_dims))
-    return levels + info
+                          f"as {INPUT!r} and {INPUT}_s<stride>; rename the backbone's level")
+    strides = input_stage_strides(info[0].stride)
+    stages = [FeatureInfo(input_stage_name(st), int(w), st) for w, st in zip(input_stages, strides)]
+    return [FeatureInfo(INPUT, in_channels, (1,) * spatial_dims), *stages, *info]
+
+
+def default_point_features(feature_info: Sequence[FeatureInfo]) -> list[str]:
+    """The point head's levels when none are named: the learned level whose stride is closest to 4
+    and, when finer, the learned level closest to stride 2 (an input stage or the backbone's)."""
+    learned = learned_levels(feature_info)
+    names = [nearest_level(backbone_levels(feature_info), 4).name]
+    fine = nearest_level(learned, 2)
+    if max(fine.stride) == 2 and fine.name not in names:
+        names.append(fine.name)
+    return names
 
 
 def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
                    head: str = DEFAULT_HEAD, head_kwargs: dict | None = None,
-                   pointrend: Any = None, in_channels: int = 1) -> SegmentationModel:
+                   pointrend: Any = None, in_channels: int = 1,
+                   input_stages: Sequence[int] = DEFAULT_INPUT_STAGES) -> SegmentationModel:
     """Build heads for an existing backbone module (anything with ``feature_info``); ``in_channels``
-    is the input's channel count (the ``input`` level every head may read)."""
+    is the input's channel count (the ``input`` level every head may read); ``input_stages`` the
+    widths of the learned input stages (``InputStages``; those no head reads are not built)."""
+    if any(not isinstance(w, int) or w <= 0 for w in input_stages):
+        raise ConfigError(f"model.input_stages must be positive widths, got {list(input_stages)}")
     options = resolve_pointrend_options(pointrend)
-    stem_channels = options["fine_stem_channels"] if options is not None else 0
-    if stem_channels < 0:
-        raise ConfigError(f"pointrend fine_stem_channels must be >= 0, got {stem_channels}")
-    info = model_feature_info(backbone.feature_info, spatial_dims, in_channels, stem_channels)
+    info = model_feature_info(backbone.feature_info, spatial_dims, in_channels, input_stages)
     coarse_head = build_head(head, info, num_classes, spatial_dims, **(head_kwargs or {}))
-    point_head = fine_stem = None
+    read = set(getattr(coarse_head, "in_features", [f.name for f in info]))
+    point_head = None
     if options is not None:
-        levels = backbone_levels(info)
-        names = options["in_features"] or [nearest_level(levels, 4).name]
-        by_name = {f.name: f for f in levels}
+        by_name = {f.name: f for f in learned_levels(info)}
+        names = options["in_features"] or default_point_features(info)
         unknown = [n for n in names if n not in by_name]
         if unknown:
             raise ConfigError(unknown_name_message("pointrend in_feature", unknown[0], by_name))
         options["in_features"] = list(names)
+        read.update(names)
         image_channels = in_channels * len(pr.image_offsets(options["image_features"], spatial_dims))
-        if stem_channels:
-            fine_stem = FineStem(spatial_dims, in_channels, stem_channels)
-            image_channels += stem_channels
         point_head = StandardPointHead(sum(by_name[n].channels for n in names) + image_channels,
                                        num_classes,
                                        options["num_fc"], options["fc_dim"],
                                        options["coarse_pred_each_layer"])
+    # the input stages form a chain: keep it up to the coarsest stage some head reads
+    stages = [f for f in info if is_input_level(f.name) and f.name != INPUT]
+    used = max((i + 1 for i, f in enumerate(stages) if f.name in read), default=0)
+    stages_module = None
+    if used:
+        stages_module = InputStages(spatial_dims, in_channels, [f.channels for f in stages[:used]],
+                                    [f.stride for f in stages[:used]])
+    info = [f for f in info if f.name not in {s.name for s in stages[used:]}]
     return SegmentationModel(backbone, coarse_head, spatial_dims, num_classes, point_head, options,
-                             fine_stem=fine_stem, feature_info=info)
+                             input_stages=stages_module, feature_info=info)
 
 
 def build_model(spatial_dims: int, in_channels: int, num_classes: int,
                 backbone: str = DEFAULT_BACKBONE, backbone_kwargs: dict | None = None,
                 head: str = DEFAULT_HEAD, head_kwargs: dict | None = None,
-                pointrend: Any = None) -> SegmentationModel:
+                pointrend: Any = None,
+                input_stages: Sequence[int] = DEFAULT_INPUT_STAGES) -> SegmentationModel:
     """Build a segmentation model from JSON-friendly options.
 
     Args:
@@ -331,6 +368,9 @@ def build_model(spatial_dims: int, in_channels: int, num_classes: int,
         head_kwargs: options for the head (see ``heads``).
         pointrend: None/False (no point head), or an ``hparam.PointRendConfig`` / its dict with
             every option of ``POINTREND_OPTIONS`` (point budgets resolved, not 'auto').
+        input_stages: widths of the learned stages on the input at strides 2, 4, ... finer than
+            the backbone's finest level (``InputStages``).
     """
     net = build_backbone(backbone, spatial_dims, in_channels, **(backbone_kwargs or {}))
-    return assemble_model(net, spatial_dims, num_classes, head, head_kwargs, pointrend, in_channels)
+    return assemble_model(net, spatial_dims, num_classes, head, head_kwargs, pointrend, in_channels,
+                          input_stages)

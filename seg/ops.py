@@ -152,6 +152,16 @@ def batch_norm(spatial_dims: int, num_channels: int, **kwargs: Any) -> nn.Module
     return _BN[check_spatial_dims(spatial_dims)](num_channels, **kwargs)
 
 
+def conv_block(spatial_dims: int, cin: int, cout: int, stride: Sequence[int] | int = 1,
+               norm_name: str = "instance") -> nn.Sequential:
+    """Two 3^d conv -> norm -> LeakyReLU(0.01) (the first with ``stride``), as nnU-Net's stages."""
+    def one(ci: int, s: Sequence[int] | int) -> list[nn.Module]:
+        return [conv(spatial_dims, ci, cout, 3, stride=s, bias=False),
+                norm(norm_name, spatial_dims, cout, num_groups=max(1, cout // 8)),
+                nn.LeakyReLU(0.01, inplace=True)]
+    return nn.Sequential(*one(cin, stride), *one(cout, 1))
+
+
 def adaptive_avg_pool(spatial_dims: int, output_size: Any = 1) -> nn.Module:
     """Adaptive average pooling for any ``spatial_dims``."""
     return _ADAPTIVE_AVG[check_spatial_dims(spatial_dims)](output_size)

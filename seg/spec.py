@@ -184,6 +184,7 @@ def model_config_from(cfg: Any) -> dict[str, Any]:
         "head": m.head,
         "head_kwargs": dict(m.head_kwargs),
         "pointrend": dataclasses.asdict(m.pointrend) if m.pointrend.enabled else None,
+        "input_stages": list(m.input_stages),
     })
 
 

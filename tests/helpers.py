@@ -55,10 +55,10 @@ def tiny_config(root: Path, out: Path, dims: int, iterations: int = 3) -> Config
 
 def point_options(**overrides):
     """A complete PointRend option dict for tests: ``hparam.PointRendConfig`` with detectron2's
-    point head (no image features, no fine stem, coarse logits only at the input) and small point
-    budgets, then ``overrides``."""
+    point head (no image features, coarse logits only at the input) and small point budgets, then
+    ``overrides`` (``in_features`` None: the model's default levels, ``default_point_features``)."""
     base = PointRendConfig(train_num_points=64, subdivision_num_points=512, image_features="none",
-                           fine_stem_channels=0, coarse_pred_each_layer=False)
+                           coarse_pred_each_layer=False)
     return {**dataclasses.asdict(base), **overrides}
 
 

@@ -19,6 +19,7 @@ import SimpleITK as sitk
 import torch
 
 from helpers import write_case
+from seg.checkpoint import FORMAT_VERSION
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
@@ -72,7 +73,7 @@ def save_checkpoint(path: Path, **extra) -> Path:
 
     torch.manual_seed(0)
     model = build_model(**TINY_MODEL)
-    torch.save({"format_version": 1, "model": model.state_dict(), "model_config": TINY_MODEL,
+    torch.save({"format_version": FORMAT_VERSION, "model": model.state_dict(), "model_config": TINY_MODEL,
                 "spatial_dims": 3, "patch_size": (32, 32, 32), "slice_axis": None,
                 "preprocessing": Preprocessing("zscore").to_dict(), "class_names": ["background", "fg"],
                 "in_channels": 1, "mirror_axes": [0, 1, 2], **extra}, path)
@@ -138,6 +139,16 @@ def test_checkpoint_needing_unpickling_requires_the_opt_in(tmp_path, checkpoints
     assert proc.returncode == 0, proc.stderr
     assert "unpickled in full" in proc.stderr  # said, not silent
     assert [p.name for p in out.iterdir()] == ["a.nrrd"]
+
+
+def test_format_1_checkpoint_is_refused_in_one_line(tmp_path) -> None:
+    # format 1 had two learned branches on the input (U-Net stage, FineStem): no weights convert
+    write_image(tmp_path / "a.nrrd")
+    old = save_checkpoint(tmp_path / "old.pt", format_version=1)
+    out = tmp_path / "out"
+    line = one_error_line(infer("-i", str(tmp_path / "a.nrrd"), "-o", str(out), "-m", str(old)))
+    assert "old.pt" in line and "checkpoint format 1" in line and "git checkout" in line
+    assert not out.exists()
 
 
 def test_suffix_that_is_a_path_is_refused_before_writing(tmp_path, checkpoints) -> None:

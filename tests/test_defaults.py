@@ -18,6 +18,8 @@ def test_build_model_defaults_are_hparams() -> None:
     for fn in (model.build_model, model.assemble_model):
         assert _default(fn, "head") == model.DEFAULT_HEAD == ModelConfig().head == "unet"
     assert _default(model.build_model, "backbone") == model.DEFAULT_BACKBONE == ModelConfig().backbone
+    assert list(_default(model.build_model, "input_stages")) == list(model.DEFAULT_INPUT_STAGES) \
+        == ModelConfig().input_stages
 
 
 def test_backbone_defaults_live_in_the_registry() -> None:

@@ -25,7 +25,7 @@ import torch
 import infer_seg
 from helpers import point_options
 from seg import export as ex
-from seg.checkpoint import load_for_inference
+from seg.checkpoint import FORMAT_VERSION, load_for_inference
 from seg.errors import UserError
 
 TOL = 1e-4
@@ -33,7 +33,7 @@ BUNDLE_FIELDS = ("spatial_dims", "patch_size", "slice_axis", "preprocessing", "c
                  "in_channels", "mirror_axes", "label_values")
 MODEL_2D = dict(spatial_dims=2, in_channels=1, num_classes=3, backbone="convnext_atto",
                 backbone_kwargs={"kernel_size": 3}, head="unet", head_kwargs={},
-                pointrend=point_options(image_features="cube", fine_stem_channels=8, fc_dim=32,
+                pointrend=point_options(image_features="cube", fc_dim=32,
                                         coarse_pred_each_layer=True, subdivision_num_points=96))
 
 
@@ -44,7 +44,7 @@ def save_2d_checkpoint(path: Path, model_config: dict = MODEL_2D, patch=(24, 20)
 
     torch.manual_seed(0)
     model = build_model(**model_config)
-    torch.save({"format_version": 1, "model": model.state_dict(), "model_config": model_config,
+    torch.save({"format_version": FORMAT_VERSION, "model": model.state_dict(), "model_config": model_config,
                 "spatial_dims": 2, "patch_size": patch, "slice_axis": 1,
                 "preprocessing": Preprocessing("zscore").to_dict(),
                 "class_names": ["background", "outer", "inner"], "label_values": [0, 1, 4],

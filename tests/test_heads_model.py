@@ -67,12 +67,12 @@ def _labels(shape, k, seed=0, ignore_frac=0.1):
 def _model(d, head="deeplab", pointrend=True, k=3, **bb):
     torch.manual_seed(0)
     head_kwargs = {"deeplab": {"channels": 16, "low_level_channels": 8}, "mask": {"fc_dim": 32},
-                   "unet": {"input_channels": (4, 6), "deep_supervision": 1}}[head]
+                   "unet": {"deep_supervision": 1}}[head]
     if head == "mask":
         bb.setdefault("channels", (6,))  # the mask head reads one level only
     pr_opts = point_options(fc_dim=16) if pointrend is True else pointrend
     return assemble_model(TinyBackbone(d, 2, **bb), d, k, head, head_kwargs, pr_opts,
-                          in_channels=2)
+                          in_channels=2, input_stages=(6,))
 
 
 # heads from a declaration ----------------------------------------------------------------------
@@ -90,7 +90,7 @@ def test_head_from_feature_info(d, head):
     assert isinstance(out, HeadOutput) and out.aux == []
     assert out.logits.shape == (2, 5, *expected)
     # the input's levels in the declaration change nothing a head chooses by stride
-    with_input = [FeatureInfo(INPUT, 3, (1,) * d), FeatureInfo("fine_stem", 2, (2,) * d), *info]
+    with_input = [FeatureInfo(INPUT, 3, (1,) * d), FeatureInfo("input_s2", 2, (2,) * d), *info]
     assert build_head(head, with_input, 5, d, **kwargs).state_dict().keys() == net.state_dict().keys()
     assert set(list_heads()) >= {"deeplab", "mask", "unet"}
 
@@ -98,40 +98,48 @@ def test_head_from_feature_info(d, head):
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("output_stride", [1, 2, 4, 8])
 def test_unet_head_output_stride(d, output_stride):
-    info = [FeatureInfo(INPUT, 3, (1,) * d)]  # the input, read like any level
+    info = [FeatureInfo(INPUT, 3, (1,) * d), FeatureInfo("input_s2", 6, (2,) * d)]  # the input's levels
     info += [FeatureInfo(f"l{i}", 4 + i, (2 ** (i + 2),) * d) for i in range(4)]  # strides 4..32
     size = SIZES[d]
     feats = {f.name: torch.randn(2, f.channels, *(math.ceil(s / f.stride[0]) for s in size))
              for f in info}
-    net = build_head("unet", info, 5, d, output_stride=output_stride, input_channels=(4, 6))
+    net = build_head("unet", info, 5, d, output_stride=output_stride, stride1_channels=4)
     assert net.output_stride == (output_stride,) * d
-    # input stages only where they are needed: strides 1 and 2 below the finest level (4), and
-    # none finer than the logits
-    assert len(net.input_stages) == {1: 2, 2: 1, 4: 0, 8: 0}[output_stride]
-    out = net.eval()(feats)
+    # its own stage only at stride 1; the input stage read as a skip only when not coarser than
+    # the logits; the raw input only by the stride-1 stage
+    assert (net.stride1 is not None) == (output_stride == 1)
+    assert net.in_features == {1: [INPUT, "input_s2", "l0", "l1", "l2", "l3"],
+                               2: ["input_s2", "l0", "l1", "l2", "l3"],
+                               4: ["l0", "l1", "l2", "l3"], 8: ["l1", "l2", "l3"]}[output_stride]
+    out = net.eval()({name: feats[name] for name in net.in_features})  # reads nothing else
     assert out.logits.shape == (2, 5, *(math.ceil(s / output_stride) for s in size))
     assert out.aux == []
     with pytest.raises(ConfigError, match="power of two"):
         build_head("unet", info, 5, d, output_stride=3)
     with pytest.raises(ConfigError, match="none of this model's strides"):
         build_head("unet", info, 5, d, output_stride=64)
-    with pytest.raises(ConfigError, match="input_channels"):
-        build_head("unet", info, 5, d, output_stride=1, input_channels=(4,))
+    with pytest.raises(ConfigError, match="model.input_stages"):  # stride 2 without an input stage
+        build_head("unet", [info[0], *info[2:]], 5, d, output_stride=2)
     with pytest.raises(ConfigError, match="reads the input level 'input'"):
         build_head("unet", info[1:], 5, d)
 
 
-def test_unet_head_anisotropic_input_stages():
-    # finest level (2, 4, 4): the input stages are strides (1, 1, 1) and (2, 2, 2); the next step
-    # stops doubling depth at the backbone's depth stride
-    info = [FeatureInfo(INPUT, 1, (1, 1, 1)), FeatureInfo("a", 6, (2, 4, 4)),
-            FeatureInfo("b", 8, (2, 8, 8))]
-    net = build_head("unet", info, 2, 3, output_stride=1, input_channels=(4, 6)).eval()
-    assert [tuple(b[0].stride) for b in net.input_stages] == [(1, 1, 1), (2, 2, 2)]
+def test_input_stage_strides_anisotropic():
+    # finest level (2, 4, 4): one input stage, at (2, 2, 2); depth stops doubling at the backbone's
+    from seg.model import input_stage_strides, model_feature_info
+    assert input_stage_strides((2, 4, 4)) == [(2, 2, 2)]
+    assert input_stage_strides((4, 8, 8)) == [(2, 2, 2), (4, 4, 4)]
+    assert input_stage_strides((2, 2, 2)) == [] and input_stage_strides((1, 4, 4)) == [(1, 2, 2)]
+    info = model_feature_info([("a", 6, (2, 4, 4)), ("b", 8, (2, 8, 8))], 3, 1, (5, 7))
+    assert [(f.name, f.channels, f.stride) for f in info[:2]] == [(INPUT, 1, (1, 1, 1)),
+                                                                 ("input_s2", 5, (2, 2, 2))]
+    net = build_head("unet", info, 2, 3, output_stride=1).eval()
     size = (9, 30, 34)
-    feats = {INPUT: torch.randn(1, 1, *size), "a": torch.randn(1, 6, 5, 8, 9),
-             "b": torch.randn(1, 8, 5, 4, 5)}
+    feats = {INPUT: torch.randn(1, 1, *size), "input_s2": torch.randn(1, 5, 5, 15, 17),
+             "a": torch.randn(1, 6, 5, 8, 9), "b": torch.randn(1, 8, 5, 4, 5)}
     assert net(feats).logits.shape == (1, 2, *size)
+    with pytest.raises(ConfigError, match="rename the backbone's level"):
+        model_feature_info([("input_s4", 6, (4, 4, 4))], 3, 1)
 
 
 def test_deep_supervision_loss_is_nnunets_weighted_sum():
@@ -292,7 +300,7 @@ def test_options_json_and_errors():
     from hparam import PointRendConfig
     model = assemble_model(TinyBackbone(2, 1), 2, 2, pointrend=PointRendConfig(
         train_num_points=96, subdivision_num_points=300))  # the dataclass itself is accepted
-    assert model.pointrend["train_num_points"] == 96 and model.fine_stem is not None
+    assert model.pointrend["train_num_points"] == 96 and model.input_stages is not None
 
 
 # real backbones (guarded only while they are missing) ------------------------------------------
@@ -335,7 +343,7 @@ def test_point_head_reads_the_image(d):
     torch.manual_seed(0)
     model = assemble_model(TinyBackbone(d, 2), d, 3, "deeplab", {"channels": 16,
                                                                   "low_level_channels": 8},
-                           opts, in_channels=2)
+                           opts, in_channels=2, input_stages=(6,))
     plain = _model(d)
     # two input channels x (point + 2d neighbours) more fine channels than without
     assert model.point_head.fcs[0].in_channels == \
@@ -359,28 +367,28 @@ def test_point_head_reads_the_image(d):
 
 
 @pytest.mark.parametrize("d", DIMS)
-def test_fine_stem_is_one_more_fine_level(d):
-    from seg.model import FineStem
-    opts = point_options(fc_dim=16, fine_stem_channels=4)
-    torch.manual_seed(0)
-    model = assemble_model(TinyBackbone(d, 2), d, 3, "deeplab", {"channels": 16,
-                                                                  "low_level_channels": 8},
-                           opts, in_channels=2)
-    assert isinstance(model.fine_stem, FineStem)
-    assert model.point_head.fcs[0].in_channels == _model(d).point_head.fcs[0].in_channels + 4
-    images, labels = torch.randn(2, 2, *SIZES[d]), _labels((2, *SIZES[d]), 3)
-    assert model.fine_stem(images).shape == (2, 4, *[(s + 1) // 2 for s in SIZES[d]])
+def test_one_input_stage_serves_the_decoder_and_the_point_head(d):
+    model = _model(d, "unet")
+    stages = model.input_stages
     assert [(f.name, f.stride) for f in model.feature_info[:2]] == [("input", (1,) * d),
-                                                                    ("fine_stem", (2,) * d)]
-    torch.testing.assert_close(model.features(images)["fine_stem"], model.fine_stem(images))
-    model.loss(model.forward_train(images, labels), labels)["total"].backward()
-    for name, p in model.fine_stem.named_parameters():  # trained through the point loss
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+                                                                    ("input_s2", (2,) * d)]
+    assert "input_s2" in model.head.in_features
+    assert model.pointrend["in_features"] == ["s0", "input_s2"]
+    assert model.point_head.fcs[0].in_channels == 6 + 6 + 3  # s0, input_s2, coarse logits
+    images, labels = torch.randn(2, 2, *SIZES[d]), _labels((2, *SIZES[d]), 3)
+    assert model.features(images)["input_s2"].shape == (2, 6, *[(s + 1) // 2 for s in SIZES[d]])
+    for term in ("point", "coarse_ce"):  # trained through the point loss, and the coarse loss
+        model.zero_grad()
+        model.loss(model.forward_train(images, labels), labels)[term].backward()
+        for name, p in stages.named_parameters():
+            assert p.grad is not None and p.grad.abs().sum() > 0, (term, name)
     model.eval()
-    out = model.forward_infer(images, "dense")
-    # the stem is a real input to the point head: zeroing its last conv changes the dense output
-    torch.nn.init.zeros_(model.fine_stem.layers[3].weight)
-    assert not torch.allclose(out, model.forward_infer(images, "dense"))
-    with pytest.raises(ConfigError, match="fine_stem_channels"):
-        assemble_model(TinyBackbone(d, 2), d, 3, pointrend=point_options(fine_stem_channels=-1))
-    assert _model(d).fine_stem is None  # off in detectron2's point head
+    dense = model.forward_infer(images, "dense")
+    torch.nn.init.zeros_(stages.stages[0][3].weight)  # a real input to the point head
+    assert not torch.allclose(dense, model.forward_infer(images, "dense"))
+    # nothing reads it: not built (a DeepLab head with detectron2's point-head levels)
+    lone = _model(d, "deeplab", point_options(fc_dim=16, in_features=["s0"]))
+    assert lone.input_stages is None and [f.name for f in lone.feature_info][:2] == ["input", "s0"]
+    assert _model(d, "deeplab").pointrend["in_features"] == ["s0", "input_s2"]  # the default reads it
+    with pytest.raises(ConfigError, match="model.input_stages"):
+        assemble_model(TinyBackbone(d, 2), d, 3, input_stages=(0,))
