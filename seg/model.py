@@ -312,6 +312,37 @@ def default_point_features(feature_info: Sequence[FeatureInfo]) -> list[str]:
     return names
 
 
+def build_point_head(options: dict, info: Sequence[FeatureInfo], num_classes: int, in_channels: int,
+                     spatial_dims: int) -> StandardPointHead:
+    """The point head on the levels ``options["in_features"]`` names (None: ``default_point_features``,
+    written back into ``options``), the input's intensities of ``image_features`` and the coarse logits.
+
+    Raises:
+        ConfigError: a named level is not a learned level of ``info``.
+    """
+    by_name = {f.name: f for f in learned_levels(info)}
+    names = options["in_features"] or default_point_features(info)
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        raise ConfigError(unknown_name_message("pointrend in_feature", unknown[0], by_name))
+    options["in_features"] = list(names)
+    image_channels = in_channels * len(pr.image_offsets(options["image_features"], spatial_dims))
+    return StandardPointHead(sum(by_name[n].channels for n in names) + image_channels, num_classes,
+                             options["num_fc"], options["fc_dim"], options["coarse_pred_each_layer"])
+
+
+def build_input_stages(info: Sequence[FeatureInfo], read: set[str], in_channels: int,
+                       spatial_dims: int) -> tuple[InputStages | None, list[FeatureInfo]]:
+    """The input stages some head reads (a chain: up to the coarsest one read), and ``info``
+    without the levels of the stages left out."""
+    stages = [f for f in info if is_input_level(f.name) and f.name != INPUT]
+    used = max((i + 1 for i, f in enumerate(stages) if f.name in read), default=0)
+    dropped = {f.name for f in stages[used:]}
+    module = InputStages(spatial_dims, in_channels, [f.channels for f in stages[:used]],
+                         [f.stride for f in stages[:used]]) if used else None
+    return module, [f for f in info if f.name not in dropped]
+
+
 def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
                    head: str = DEFAULT_HEAD, head_kwargs: dict | None = None,
                    pointrend: Any = None, in_channels: int = 1,
@@ -327,28 +358,11 @@ def assemble_model(backbone: nn.Module, spatial_dims: int, num_classes: int,
     read = set(getattr(coarse_head, "in_features", [f.name for f in info]))
     point_head = None
     if options is not None:
-        by_name = {f.name: f for f in learned_levels(info)}
-        names = options["in_features"] or default_point_features(info)
-        unknown = [n for n in names if n not in by_name]
-        if unknown:
-            raise ConfigError(unknown_name_message("pointrend in_feature", unknown[0], by_name))
-        options["in_features"] = list(names)
-        read.update(names)
-        image_channels = in_channels * len(pr.image_offsets(options["image_features"], spatial_dims))
-        point_head = StandardPointHead(sum(by_name[n].channels for n in names) + image_channels,
-                                       num_classes,
-                                       options["num_fc"], options["fc_dim"],
-                                       options["coarse_pred_each_layer"])
-    # the input stages form a chain: keep it up to the coarsest stage some head reads
-    stages = [f for f in info if is_input_level(f.name) and f.name != INPUT]
-    used = max((i + 1 for i, f in enumerate(stages) if f.name in read), default=0)
-    stages_module = None
-    if used:
-        stages_module = InputStages(spatial_dims, in_channels, [f.channels for f in stages[:used]],
-                                    [f.stride for f in stages[:used]])
-    info = [f for f in info if f.name not in {s.name for s in stages[used:]}]
+        point_head = build_point_head(options, info, num_classes, in_channels, spatial_dims)
+        read.update(options["in_features"])
+    stages, info = build_input_stages(info, read, in_channels, spatial_dims)
     return SegmentationModel(backbone, coarse_head, spatial_dims, num_classes, point_head, options,
-                             input_stages=stages_module, feature_info=info)
+                             input_stages=stages, feature_info=info)
 
 
 def build_model(spatial_dims: int, in_channels: int, num_classes: int,
