@@ -7,7 +7,7 @@
     python benchmarks/export.py --part volumes --checkpoint runs/demo/best.pt [--cases 40]
 
 Without ``--checkpoint`` the model is the default architecture of ``hparam.py`` (ConvNeXt-atto with
-3^d kernels, U-Net head, PointRend with the image cube and the fine stem) for the demo's plan (3D
+3^d kernels, U-Net head, PointRend with the image cube and the input stage) for the demo's plan (3D
 patch 40x56x40, 2D 40x56, 3 classes, the planned point budgets), seeded and untrained: the export
 path and the cost of a window do not depend on the weights.  The model is exported with
 ``seg.export.export_checkpoint`` (which itself checks batches 1 and 3); then, on fresh windows
@@ -22,7 +22,7 @@ from the checkpoint and from the export: voxels that differ between the two labe
 per case of each.
 
 ``--part models`` exports a small untrained model of every backbone family (its smallest variant)
-with each coarse head, in 2D and 3D (32^d patch, PointRend with the image cube and a fine stem), and
+with each coarse head, in 2D and 3D (32^d patch, PointRend with the image cube and the input stage), and
 prints per model the TorchScript difference and what the ONNX file holds ('forward': everything,
 'coarse': no subdivision) or why it was skipped.
 """
