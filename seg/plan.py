@@ -6,8 +6,11 @@ from a fingerprint of the training cases, shown to the user, and can be overridd
 Every field of ``hparam.py`` that accepts ``"auto"`` is resolved here, each by one small rule::
 
     fingerprint = compute_fingerprint(cases, cfg.data)      # one pass over the cases, plain data
-    plan = make_plan(fingerprint, cfg, level_strides(cfg))  # [Decision(field, value, source, why)]
+    plan = make_plan(fingerprint, cfg, level_strides(cfg), device=device)  # [Decision(field, ...)]
     cfg = apply_plan(cfg, plan)                             # a copy with no "auto" left
+
+One input is not the data's: the patch budget follows the device training runs on (on CUDA its
+memory, ``plan_patch_budget``), and its decision names that device.
 
 Axes are array axes in torchio order (X, Y, Z), as everywhere in ``seg``; spacings are per axis in
 that order.  Orientation codes name the patient direction each array axis points to (nibabel's
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from backbones import backbone_options, build_backbone
@@ -57,9 +61,31 @@ CONTEXT_STEP, CONTEXT_MAX_FACTOR = 1.03, 4.0
 #: fewer voxels thick than this: thin structures (a cortical ribbon, vessels, walls) keep the grid
 #: that resolves them, compact targets (an atrium, a tumour) give up resolution they do not need
 MIN_THICKNESS_VOXELS = 4
-#: default patch budgets in voxels: 3D 64x64x32 (a training step of the default model ~0.7 s and
-#: < 2 GB on a 2-core CPU), 2D 2^15 (about 160x192)
+#: patch budgets in voxels on a CPU (and any device whose memory is not planned): 3D 64x64x32 (a
+#: training step of the default model ~0.7 s and < 2 GB on a 2-core CPU), 2D 2^15 (about 160x192)
 PATCH_BUDGET = {3: 131_072, 2: 32_768}
+#: CUDA: bytes a float32 training step of the default model holds per voxel of batch x patch (the
+#: batch, the activations autograd keeps for the backward, their gradients, the point head's
+#: per-point features).  MEASURED on CPU, where the tensors have the sizes they have on CUDA:
+#: ``python benchmarks/step_memory.py`` (torch.profiler's allocator events, a line through 5 sizes
+#: per dims; docs/configuration.md, "The patch budget on a GPU").  Other models differ: set
+#: data.patch_voxel_budget for a wider one
+STEP_BYTES_PER_VOXEL = {3: 517, 2: 1229}
+#: CUDA: share of the device's memory the plan fills (ASSUMED: the caching allocator's fragmentation,
+#: typically 10-20 %, and cuDNN algorithms choosing larger workspaces take the rest).  Autocast
+#: (train.amp) roughly halves the convolutions' saved activations, but norms, softmax and losses stay
+#: float32; the rule keeps the float32 figure, the difference being headroom (nnU-Net's planner is as
+#: cautious: it plans for a fixed 8 GB target whatever the card)
+DEVICE_MEMORY_SHARE = 0.8
+#: CUDA: bytes that do not grow with the patch (ASSUMED): the CUDA context and kernels (0.5-1 GiB),
+#: cuDNN/cuBLAS workspaces, and the model's weights, gradients and AdamW moments (measured: 113 MiB
+#: for the default 3D model, 71 MiB in 2D)
+DEVICE_FIXED_BYTES = 2 * 2 ** 30
+#: CUDA budgets are a multiple of PATCH_BUDGET / BUDGET_STEPS (devices whose memory differs a little
+#: plan the same patch), at least PATCH_BUDGET and at most MAX_BUDGET_FACTOR x it: 3D 256^3, 2D 2048^2,
+#: the largest patch nnU-Net's planner starts from (beyond it the patch holds the whole median case of
+#: nearly every data set, and a step only grows slower)
+BUDGET_STEPS, MAX_BUDGET_FACTOR = 4, 128
 #: training points per patch: one per 32 patch cells (4,096 at 64x64x32, ~1,024 at 160x192), >= 256
 TRAIN_POINT_SHARE, MIN_TRAIN_POINTS = 1 / 32, 256
 #: subdivision points per step as a share of the patch cells (the measured defaults: 3D 6,144 of
@@ -464,6 +490,50 @@ def plan_subdivision_points(patch: Sequence[int], train_points: int) -> int:
     return max(train_points, int(round(math.prod(patch) * share / 64)) * 64)
 
 
+def device_memory(device: torch.device | str) -> tuple[str, int] | None:
+    """(model name, total bytes) of a CUDA device; None for any other device (its budget is fixed)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return props.name, int(props.total_memory)
+
+
+def cuda_patch_budget(spatial_dims: int, total_bytes: int) -> int:
+    """The patch budget of a CUDA device with ``total_bytes`` of memory.
+
+    A budget-sized patch trains ``MIN_BATCH`` at a time and smaller ones fill the budget
+    (``plan_batch_size``), so a step holds at most ``MIN_BATCH`` x budget voxels; the budget is what
+    ``DEVICE_MEMORY_SHARE`` of the device, less ``DEVICE_FIXED_BYTES``, holds at
+    ``STEP_BYTES_PER_VOXEL``, rounded down to a multiple of ``PATCH_BUDGET / BUDGET_STEPS``, at least
+    ``PATCH_BUDGET`` (today's CPU budget) and at most ``MAX_BUDGET_FACTOR`` x it.
+    """
+    base = PATCH_BUDGET[spatial_dims]
+    usable = DEVICE_MEMORY_SHARE * total_bytes - DEVICE_FIXED_BYTES
+    voxels = int(usable // (MIN_BATCH * STEP_BYTES_PER_VOXEL[spatial_dims]))
+    step = base // BUDGET_STEPS
+    return min(max(voxels // step * step, base), MAX_BUDGET_FACTOR * base)
+
+
+def plan_patch_budget(spatial_dims: int, device: torch.device | str) -> tuple[int, str]:
+    """The patch budget (voxels) for training on ``device``, and why: CUDA from its memory
+    (``cuda_patch_budget``), any other device ``PATCH_BUDGET``."""
+    device = torch.device(device)
+    found = device_memory(device)
+    if found is None:
+        return PATCH_BUDGET[spatial_dims], f"{device}: fixed budget " + (
+            "(on a CPU the step's time, not memory, limits the patch)" if device.type == "cpu"
+            else "(memory not planned on this device type)")
+    name, total = found
+    budget, base = cuda_patch_budget(spatial_dims, total), PATCH_BUDGET[spatial_dims]
+    gib = total / 2 ** 30
+    rule = (f"({DEVICE_MEMORY_SHARE:.0%} x {gib:.1f} GiB - {DEVICE_FIXED_BYTES / 2 ** 30:.0f} GiB) / ({MIN_BATCH} "
+            f"patches x {STEP_BYTES_PER_VOXEL[spatial_dims]:,} B per voxel, measured fp32 step)")
+    bound = {base: ", raised to the CPU budget",
+             MAX_BUDGET_FACTOR * base: f", capped at {MAX_BUDGET_FACTOR} x the CPU budget"}
+    return budget, f"{device} {name}, {gib:.1f} GiB: {rule}{bound.get(budget, '')}"
+
+
 # ----------------------------------------------------------------------------- the plan
 @dataclasses.dataclass
 class Decision:
@@ -482,8 +552,8 @@ def level_strides(cfg: Any) -> list[tuple[int, ...]]:
     return [f.stride for f in as_feature_info(net.feature_info, d.spatial_dims)]
 
 
-PLANNED_FIELDS = ("data.target_spacing", "data.slice_axis", "data.patch_size", "train.batch_size",
-                  "data.normalization", "data.mirror_axes", "data.rotation_axes",
+PLANNED_FIELDS = ("data.patch_voxel_budget", "data.target_spacing", "data.slice_axis", "data.patch_size",
+                  "train.batch_size", "data.normalization", "data.mirror_axes", "data.rotation_axes",
                   "model.pointrend.train_num_points", "model.pointrend.subdivision_num_points")
 
 
@@ -503,12 +573,13 @@ def _is_auto(value: Any) -> bool:
     return isinstance(value, str) and value == AUTO
 
 
-def _pick(decisions: list[Decision], field: str, current: Any, auto_value: Any, why: str) -> Any:
+def _pick(decisions: list[Decision], field: str, current: Any, auto_value: Any, why: str,
+          user_why: str = "set in the config") -> Any:
     """Record ``field``: the rule's value when the config says 'auto', else the user's."""
     if isinstance(current, str) and current == AUTO:
         decisions.append(Decision(field, auto_value, "auto", why))
         return auto_value
-    decisions.append(Decision(field, current, "user", "set in the config"))
+    decisions.append(Decision(field, current, "user", user_why))
     return current
 
 
@@ -517,14 +588,16 @@ def _fmt(values: Sequence[float], digits: int = 3) -> str:
 
 
 def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]],
-              described: Sequence[tuple[str, Any, str, str]] = ()) -> list[Decision]:
-    """Resolve every 'auto' field of ``cfg`` from the fingerprint ``fp``.
+              described: Sequence[tuple[str, Any, str, str]] = (), device: torch.device | str = "cpu"
+              ) -> list[Decision]:
+    """Resolve every 'auto' field of ``cfg`` from the fingerprint ``fp`` and the training ``device``.
 
     Args:
         fp: ``compute_fingerprint`` result.
         cfg: ``hparam.Config`` (not changed).
         strides: ``level_strides(cfg)``: the model's per-axis strides per feature level.
         described: the rows ``seg.dataset_json.describe_data`` returned for ``cfg``, shown first.
+        device: the device training runs on (``train.device`` resolved): sets the patch budget.
 
     Returns:
         One ``Decision`` per planned field, in the order they depend on each other.
@@ -533,7 +606,7 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]],
     # what the data describe (seg.dataset_json.describe_data): shown and recorded with the plan
     out: list[Decision] = [Decision(*x) for x in described]
     vol_dims = fp["spatial_dims"]
-    budget = d.patch_voxel_budget or PATCH_BUDGET[d.spatial_dims]
+    budget = _pick_budget(out, d.patch_voxel_budget, d.spatial_dims, device)
     spacing = plan_target_spacing(fp["spacings"], fp["sizes"])
     why = (f"median of {fp['num_cases']} cases ({_fmt(fp['median_spacing'])} mm)"
            + ("; anisotropic: thick axis from its 10th percentile" if tuple(spacing) != tuple(
@@ -588,6 +661,15 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]],
           plan_subdivision_points(patch, n_train),
           f"{SUBDIVISION_SHARE[d.spatial_dims]:.3g} of the patch cells per step")
     return out
+
+
+def _pick_budget(decisions: list[Decision], current: int | str | None, spatial_dims: int,
+                 device: torch.device | str) -> int:
+    """Record ``data.patch_voxel_budget``: ``plan_patch_budget`` for 'auto' (and None, the spelling of
+    configs written before the budget followed the device), else the user's; the device named either way."""
+    value, why = plan_patch_budget(spatial_dims, device)
+    return _pick(decisions, "data.patch_voxel_budget", AUTO if current is None else current, value, why,
+                 f"set in the config (training on {torch.device(device)})")
 
 
 def _normalization_why(fp: dict[str, Any], norms: list[str], named: Sequence[str | None] = (),

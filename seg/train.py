@@ -167,15 +167,16 @@ def plan_run(cfg: Any, train_cases: list, out_dir: Path | None, ctx: distr.DistC
              progress: bool = True, described: list | tuple = (), provenance: Provenance | None = None
              ) -> RunSpec:
     """The run specification of a described ``cfg``: fingerprint the training cases (cached in
-    ``out_dir/fingerprint.json``), resolve every 'auto' field (``seg.plan``), show the plan (after
-    the ``described`` rows of ``describe``), write ``out_dir/plan.json`` (rank 0) and freeze the
-    result (``seg.spec.resolve``)."""
-    ctx = ctx or distr.DistContext()
+    ``out_dir/fingerprint.json``), resolve every 'auto' field (``seg.plan``) for this process's
+    device (``ctx.device``; without ``ctx``, ``train.device`` resolved), show the plan (after the
+    ``described`` rows of ``describe``), write ``out_dir/plan.json`` (rank 0) and freeze the result
+    (``seg.spec.resolve``)."""
+    ctx = ctx or distr.DistContext(device=resolve_device(cfg.train.device))
     main = ctx.is_main and out_dir is not None
     strides = planning.level_strides(cfg)  # a bad backbone option stops here, before any file is written
     fp = planning.compute_fingerprint(train_cases, cfg.data, out_dir / "fingerprint.json" if main else None,
                                       progress=progress and ctx.is_main)
-    decisions = planning.make_plan(fp, cfg, strides, described)
+    decisions = planning.make_plan(fp, cfg, strides, described, ctx.device)
     planned = planning.apply_plan(cfg, decisions)
     if planned.data.intensity_stats is None:
         planned.data.intensity_stats = planning.intensity_statistics(fp)

@@ -28,7 +28,8 @@ from seg.model import build_model  # noqa: E402
 #: every planned field of a 2D config set by hand (a config planned without data: ``seg.spec.resolve``)
 RESOLVED_2D = ["data.dataset_json=None", "data.target_spacing=None", "data.patch_size=(32, 32)", "data.slice_axis=2",
                "data.normalization='none'", "data.mirror_axes=()", "data.rotation_axes=()", "train.batch_size=2",
-               "model.pointrend.train_num_points=256", "model.pointrend.subdivision_num_points=256"]
+               "model.pointrend.train_num_points=256", "model.pointrend.subdivision_num_points=256",
+               "data.patch_voxel_budget=32768"]
 
 
 def tiny(data: str, out: str, iterations: int):

@@ -62,12 +62,14 @@ def test_inference_defaults_have_one_source() -> None:
 
 
 def test_patch_budget_default_is_the_plans() -> None:
-    """``data.patch_voxel_budget`` None means ``seg.plan.PATCH_BUDGET`` (hparam names no number)."""
+    """``data.patch_voxel_budget`` 'auto' means ``seg.plan``'s rule, on a CPU ``seg.plan.PATCH_BUDGET``
+    (hparam names no number)."""
     import hparam
     from seg import plan
 
-    assert DataConfig().patch_voxel_budget is None
+    assert DataConfig().patch_voxel_budget == plan.AUTO
     source = inspect.getsource(hparam.DataConfig)
     line = next(l for l in source.splitlines() if "patch_voxel_budget" in l)
     assert "PATCH_BUDGET" in line and not any(str(v) in line for v in plan.PATCH_BUDGET.values())
-    assert Config().data.spatial_dims in plan.PATCH_BUDGET
+    dims = Config().data.spatial_dims
+    assert plan.plan_patch_budget(dims, "cpu")[0] == plan.PATCH_BUDGET[dims]

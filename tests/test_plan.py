@@ -195,6 +195,95 @@ def test_ct_normalization_uses_training_statistics() -> None:
                                    ).normalization == "zscore_nonzero"
 
 
+def _simulated_gpu(monkeypatch, total_bytes: dict[str, int]) -> None:
+    """CUDA devices report ``total_bytes["now"]`` of memory (``seg.plan.device_memory``); others none."""
+    import torch
+    monkeypatch.setattr(P, "device_memory", lambda device: ("Simulated GPU", total_bytes["now"])
+                        if torch.device(device).type == "cuda" else None)
+
+
+def test_patch_budget_follows_the_device(monkeypatch) -> None:
+    """CPU (and devices whose memory is not planned): PATCH_BUDGET exactly.  CUDA: the rule, written
+    out here from its constants; more memory never gives less; floor PATCH_BUDGET, cap 128 x it."""
+    for dims in (2, 3):
+        assert P.plan_patch_budget(dims, "cpu")[0] == P.PATCH_BUDGET[dims] == P.plan_patch_budget(dims, "mps")[0]
+    memory = {"now": 0}
+    _simulated_gpu(monkeypatch, memory)
+    for dims in (2, 3):
+        base, step = P.PATCH_BUDGET[dims], P.PATCH_BUDGET[dims] // 4
+        budgets = []
+        for gib in (1, 4, 6, 8, 12, 16, 24, 80, 141):
+            memory["now"] = gib * 2 ** 30
+            budget, why = P.plan_patch_budget(dims, "cuda:1")
+            assert why.startswith(f"cuda:1 Simulated GPU, {gib:.1f} GiB: (80% x {gib:.1f} GiB - 2 GiB)"), why
+            free = 0.8 * gib * 2 ** 30 - 2 * 2 ** 30
+            rule = int(free / (2 * P.STEP_BYTES_PER_VOXEL[dims])) // step * step
+            assert budget == min(max(rule, base), 128 * base) and budget % step == 0
+            per_voxel = P.STEP_BYTES_PER_VOXEL[dims]
+            if base < budget < 128 * base:  # a step of 2 budget-sized patches fits in 80 % less 2 GiB
+                assert 2 * budget * per_voxel <= free < 2 * (budget + step) * per_voxel
+            budgets.append(budget)
+        assert budgets == sorted(budgets) and budgets[0] == base and budgets[-1] == 128 * base
+        assert len(set(budgets)) > 3  # the rule, not only its bounds, decides on common cards
+    assert P.cuda_patch_budget(3, 8 * 2 ** 30) > 30 * P.PATCH_BUDGET[3]  # 8 GiB: ~4.6 M voxels (166^3)
+    from seg.errors import ConfigError
+    for bad in (0, True, "'big'"):
+        with pytest.raises(ConfigError, match="patch_voxel_budget must be 'auto' or a number of voxels"):
+            apply_overrides(Config(), [f"data.patch_voxel_budget={bad}"]).validate()
+
+
+def test_a_plan_for_a_gpu_names_it_and_its_model_infers_on_a_cpu(tmp_path, monkeypatch) -> None:
+    """Planned for a simulated 24 GiB CUDA device, the plan records the device and the rule's budget
+    (a whole-case patch where the CPU's budget shrinks it), an explicit budget still wins, and a
+    model built from that plan and saved as a checkpoint segments a case on the CPU."""
+    import torch
+    from helpers import tiny_sets, write_case
+    from seg import distributed as distr
+    from seg.checkpoint import checkpoint_state, load_for_inference, save_checkpoint
+    from seg.predict import Predictor
+    from seg.train import build_training, describe, find_data, plan_run
+
+    rng = np.random.default_rng(0)
+    for i in range(4):  # 80 x 72 x 40 voxels (X, Y, Z): 230,400, over the CPU budget
+        write_case(tmp_path / "ds", f"case{i}", rng, shape=(40, 72, 80), spacing=(1.0, 1.0, 1.0))
+    memory = {"now": 24 * 2 ** 30}
+    _simulated_gpu(monkeypatch, memory)
+    auto = ["data.patch_size='auto'", "train.batch_size='auto'", "model.pointrend.train_num_points='auto'",
+            "model.pointrend.subdivision_num_points='auto'"]
+
+    def plan_for(device: str, *sets: str):
+        out = tmp_path / device.replace(":", "")
+        cfg, described = describe(apply_overrides(Config(), tiny_sets(tmp_path / "ds", out, 3) + auto
+                                                  + list(sets)).validate())
+        out.mkdir(exist_ok=True)
+        ctx = distr.DistContext(device=torch.device(device))
+        spec = plan_run(cfg, find_data(cfg)[0], out, ctx, progress=False, described=described)
+        record = json.loads((out / "plan.json").read_text())
+        return spec, {d["field"]: d for d in record["decisions"]}
+
+    cpu = plan_for("cpu")[1]
+    gpu_spec, gpu = plan_for("cuda:0")
+    assert cpu["data.patch_voxel_budget"]["value"] == P.PATCH_BUDGET[3]
+    assert math.prod(cpu["data.patch_size"]["value"]) <= P.PATCH_BUDGET[3]
+    budget = gpu["data.patch_voxel_budget"]
+    assert budget["source"] == "auto" and budget["value"] == P.cuda_patch_budget(3, 24 * 2 ** 30) > P.PATCH_BUDGET[3]
+    assert budget["why"].startswith("cuda:0 Simulated GPU, 24.0 GiB")
+    assert gpu["data.patch_size"]["value"] == [96, 80, 48]  # the whole 80x72x40 case, rounded up to strides
+    assert gpu_spec.config.data.patch_voxel_budget == budget["value"]  # resolved: no 'auto' left
+    fingerprint = json.loads((tmp_path / "cuda0" / "fingerprint.json").read_text())
+    assert "cuda:0 Simulated GPU" in P.format_tables(fingerprint, [P.Decision(**d) for d in gpu.values()])
+    user = plan_for("cuda:0", "data.patch_voxel_budget=150000")[1]["data.patch_voxel_budget"]
+    assert (user["value"], user["source"]) == (150000, "user") and "cuda:0" in user["why"]
+    # the GPU-planned model on the CPU
+    model, optimizer, scheduler, scaler = build_training(gpu_spec, torch.device("cpu"))
+    path = save_checkpoint(checkpoint_state(gpu_spec, model, optimizer, scheduler, scaler, 0, -1.0), tmp_path / "g.pt")
+    bundle = load_for_inference(path, "cpu")
+    assert tuple(bundle.patch_size) == (96, 80, 48) and next(bundle.model.parameters()).device.type == "cpu"
+    image = rng.normal(size=(1, 80, 72, 40)).astype(np.float32)
+    labels, _ = Predictor(bundle).predict_array(image, (1.0, 1.0, 1.0))
+    assert labels.shape == (80, 72, 40) and set(np.unique(labels)) <= {0, 1, 2}
+
+
 # ----------------------------------------------------------------------------- real data
 def _write(path: Path, array: np.ndarray, spacing=(1.0, 1.0, 1.0), direction=None) -> None:
     img = sitk.GetImageFromArray(array)
@@ -214,12 +303,20 @@ def _link_cases(src: Path, dst: Path, names: dict[str, str]) -> Path:
 
 
 def plan_of(root: Path, classes: list[str], tmp: Path, *sets: str) -> tuple[dict, Config]:
+    """The decisions and the planned config of ``root`` for training on the CPU (the plans
+    docs/configuration.md shows; on CUDA the patch budget follows the device)."""
     from seg.train import planned_run
     cfg = apply_overrides(Config(), [f"data.root='{root}'", f"data.class_names={classes}",
-                                     "data.val_images_dir=None", *sets])
+                                     "data.val_images_dir=None", "train.device='cpu'", *sets])
     planned = planned_run(cfg, tmp / "run")[0].config
     record = json.loads((tmp / "run" / "plan.json").read_text())
     return {d["field"]: d["value"] for d in record["decisions"]}, planned
+
+
+def why_of(tmp: Path, field: str) -> str:
+    """The reason ``plan_of(..., tmp)`` recorded for ``field`` in plan.json."""
+    record = json.loads((tmp / "run" / "plan.json").read_text())
+    return next(d["why"] for d in record["decisions"] if d["field"] == field)
 
 
 def fingerprint_of(tmp: Path) -> dict:
@@ -296,6 +393,8 @@ def test_plan_mni_slabs(tmp_path) -> None:
     assert plan["data.rotation_axes"] == [0, 1, 2] and plan["data.mirror_axes"] == [0, 1, 2]
     assert plan["model.pointrend.train_num_points"] == 4096
     assert plan["train.batch_size"] == 2
+    assert plan["data.patch_voxel_budget"] == P.PATCH_BUDGET[3]
+    assert why_of(tmp_path, "data.patch_voxel_budget").startswith("cpu: fixed budget")
     plan2d, _ = plan_of(DEMO / "mni152", ["bg", "gm", "wm"], tmp_path / "2d",
                         "data.val_images_dir='imagesVal'", "data.spatial_dims=2")
     assert plan2d["data.slice_axis"] == 2 and plan2d["data.patch_size"] == [160, 192]

@@ -18,7 +18,8 @@ RESOLVED_3D = ["data.dataset_json=None", "data.class_names=['bg', 'a', 'b']", "d
                "data.target_spacing=None", "data.patch_size=(16, 16, 16)", "data.slice_axis=2",
                "data.normalization='zscore'", "data.mirror_axes=(0, 1, 2)", "data.rotation_axes=(2,)",
                "train.batch_size=2", "model.pointrend.train_num_points=256",
-               "model.pointrend.subdivision_num_points=256", "data.label_remap={255: 2}"]
+               "model.pointrend.subdivision_num_points=256", "data.label_remap={255: 2}",
+               "data.patch_voxel_budget=131072"]
 
 
 def resolved_config() -> Config:
