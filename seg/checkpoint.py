@@ -181,6 +181,7 @@ def resume_config(template: Any, checkpoint: str, overrides: Sequence[str], unsa
         ConfigError: an override of another field, or a ``train.iterations`` the run has reached.
     """
     ckpt = load_checkpoint(checkpoint, unsafe_load=unsafe_load)
+    check_format(ckpt, checkpoint)
     if "config" not in ckpt or "iteration" not in ckpt:
         raise ConfigError("cannot resume: the checkpoint holds no training state (config, iteration)",
                           checkpoint)

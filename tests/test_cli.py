@@ -149,6 +149,13 @@ def test_format_1_checkpoint_is_refused_in_one_line(tmp_path) -> None:
     line = one_error_line(infer("-i", str(tmp_path / "a.nrrd"), "-o", str(out), "-m", str(old)))
     assert "old.pt" in line and "checkpoint format 1" in line and "git checkout" in line
     assert not out.exists()
+    from hparam import Config
+    from seg.checkpoint import resume_config
+    from seg.errors import UserError
+    with pytest.raises(UserError, match="checkpoint format 1"):  # resuming: before its config is read
+        resume_config(Config(), str(save_checkpoint(tmp_path / "old_run.pt", format_version=1,
+                                                    config={"model": {"fine_stem_channels": 16}},
+                                                    iteration=5)), [])
 
 
 def test_suffix_that_is_a_path_is_refused_before_writing(tmp_path, checkpoints) -> None:
