@@ -37,7 +37,7 @@ class DataConfig:
     # ---- written to RUN/plan.json; any explicit value overrides it (docs/configuration.md: "The plan")
     target_spacing: tuple[float, ...] | None | str = "auto"  # mm per axis; auto: median (thick axis of anisotropic data kept thick); None: native grids
     patch_size: tuple[int, ...] | str = "auto"   # training patch (X, Y, Z) in 3D, the two in-plane axes in 2D; auto: median case, rounded up to the model's strides, within the budget
-    patch_voxel_budget: int | str | None = "auto"  # voxels a patch may hold (the batch fills it); auto: CPU seg/plan.py's PATCH_BUDGET, CUDA from the device's memory (seg.plan.cuda_patch_budget); None: as auto (older configs)
+    patch_voxel_budget: int | str = "auto"       # voxels a patch may hold (the batch fills it); auto: CPU seg/plan.py's PATCH_BUDGET, CUDA from the device's memory (seg.plan.cuda_patch_budget)
     slice_axis: int | str = "auto"               # 2D: array axis of (X, Y, Z) volumes sliced along; auto: the thickest (ties: axial)
     normalization: str | list[str] = "auto"      # 'zscore', 'zscore_nonzero', 'ct' (clip + z-score by training-set stats), 'window' (ct_window to [-1, 1]), 'none', 'rescale_to_0_1', 'rgb_to_0_1', or one per channel; auto: the scheme nnU-Net gives a dataset.json channel name (any other name: z-score), else CT by HU range; z-score masked to non-zero by nnU-Net's crop rule
     ct_window: tuple[float, float] = (-1000.0, 1000.0)   # HU window for normalization='window'; = seg.preprocess.Preprocessing's default (tested)

@@ -62,11 +62,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def check_format(ckpt: dict[str, Any], path: str | os.PathLike) -> None:
     """Refuse, in one line, a checkpoint whose model this version cannot rebuild."""
     version = ckpt.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(f"checkpoint format {version}; this version reads {FORMAT_VERSION}: a "
-                        "format-1 model has two learned input branches where this one has one, "
-                        "so its weights do not convert; run it with the version that wrote it "
-                        f"(git checkout {FORMAT_1_COMMIT}) or train it again", path)
+    if version == FORMAT_VERSION:
+        return
+    why = (": a format-1 model has two learned input branches where this one has one, so its weights "
+           f"do not convert; run it with the version that wrote it (git checkout {FORMAT_1_COMMIT}) "
+           "or train it again") if version == 1 else ""
+    raise UserError(f"checkpoint format {version}; this version reads {FORMAT_VERSION}{why}", path)
 
 
 @dataclasses.dataclass

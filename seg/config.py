@@ -185,8 +185,7 @@ def validate_config(cfg: Any) -> None:
                   and all(isinstance(p, int) and p > 0 for p in v)),
          f"data.patch_size must be 'auto' or {d.spatial_dims} positive sizes, got {d.patch_size!r}"),
         (_window_ok(d.ct_window), f"data.ct_window must be (low, high) with low < high, got {d.ct_window!r}"),
-        (d.patch_voxel_budget is None or _auto_or(d.patch_voxel_budget, lambda v: isinstance(v, int)
-                                                    and not isinstance(v, bool) and v > 0),
+        (_auto_or(d.patch_voxel_budget, lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0),
          f"data.patch_voxel_budget must be 'auto' or a number of voxels > 0, got {d.patch_voxel_budget!r}"),
         (_auto_or(d.slice_axis, lambda v: v in (0, 1, 2)),
          f"data.slice_axis must be 'auto', 0, 1 or 2, got {d.slice_axis!r}"),

@@ -663,12 +663,12 @@ def make_plan(fp: dict[str, Any], cfg: Any, strides: Sequence[Sequence[int]],
     return out
 
 
-def _pick_budget(decisions: list[Decision], current: int | str | None, spatial_dims: int,
+def _pick_budget(decisions: list[Decision], current: int | str, spatial_dims: int,
                  device: torch.device | str) -> int:
-    """Record ``data.patch_voxel_budget``: ``plan_patch_budget`` for 'auto' (and None, the spelling of
-    configs written before the budget followed the device), else the user's; the device named either way."""
+    """Record ``data.patch_voxel_budget``: ``plan_patch_budget`` for 'auto', else the user's; the
+    device named either way."""
     value, why = plan_patch_budget(spatial_dims, device)
-    return _pick(decisions, "data.patch_voxel_budget", AUTO if current is None else current, value, why,
+    return _pick(decisions, "data.patch_voxel_budget", current, value, why,
                  f"set in the config (training on {torch.device(device)})")
 
 
